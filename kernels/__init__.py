@@ -1,0 +1,1 @@
+"""Triton kernels of flexkd-ds, installed as ``flexkd_ds.kernels``."""
