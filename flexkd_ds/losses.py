@@ -11,12 +11,11 @@ the student column m are centred over the rows and compared by Pearson correlati
     C_m    = <t_m - mean(t_m), s_m - mean(s_m)> / (max(||t_m - mean||, eps) * max(||s_m - mean||, eps))
     L_flex = sum_m (1 - C_m)^2
 
-It is computed from per-column *shifted* sums (the sufficient statistics): for a shift K per column,
-``n, sum(t-K_t), sum(s-K_s), sum((t-K_t)^2), sum((s-K_s)^2), sum((t-K_t)(s-K_s))``. Sums add across row
-blocks and ranks, so a global-batch loss is one all-reduce away. With the shift close to the column mean the
-centred second moments ``S_xy = sum((x-K)(y-K)) - sum(x-K) sum(y-K) / n`` lose no precision even for
-massive-activation columns (|mean| in the hundreds, std below one), where the raw ``sum(x^2) - sum(x)^2/n``
-in fp32 would return noise.
+It is computed from per-column *moments* ``(n, mean_t, mean_s, M2_t, M2_s, C_ts)``, with M2 and C the
+centred sums of squares and cross-products. Moments of disjoint row sets merge exactly (Chan et al.), so
+the loss over a whole global batch needs two small all-reduces and never the raw
+``sum(x^2) - sum(x)^2 / n``, which in fp32 returns noise for massive-activation columns (|mean| in the
+hundreds, std below one).
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from torch import Tensor
 
 AllReduce = Callable[[Tensor], Tensor]
 
-# Row order of the stacked statistics tensor (6, d_S) returned by ``correlation_stats``.
-STAT_NAMES = ("count", "sum_t", "sum_s", "sum_tt", "sum_ss", "sum_ts")
-_N, _ST, _SS, _STT, _SSS, _STS = range(6)
+# Row order of the stacked moments tensor (6, d_S).
+MOMENT_NAMES = ("count", "mean_t", "mean_s", "m2_t", "m2_s", "c_ts")
+_N, _MT, _MS, _M2T, _M2S, _CTS = range(6)
 
 
 def check_correlation_inputs(
@@ -91,66 +90,89 @@ def _valid_rows(hidden: Tensor, valid_mask: Tensor | None) -> Tensor:
     return rows[valid_mask.reshape(-1)]
 
 
-def correlation_stats(
+def correlation_moments(
     teacher_hidden: Tensor,
     student_hidden: Tensor,
     unit_indices: Tensor,
     valid_mask: Tensor | None = None,
-    *,
-    shift_teacher: Tensor | None = None,
-    shift_student: Tensor | None = None,
 ) -> Tensor:
-    """Per-column shifted sums over the valid rows, stacked as a float32 tensor of shape (6, d_S).
+    """Per-column moments over the valid rows, stacked as a tensor of shape (6, d_S).
 
-    Rows (see ``STAT_NAMES``): count, sum(t-K_t), sum(s-K_s), sum((t-K_t)^2), sum((s-K_s)^2),
-    sum((t-K_t)(s-K_s)).
+    Rows (see ``MOMENT_NAMES``): count n, mean_t, mean_s, M2_t = sum((t - mean_t)^2),
+    M2_s = sum((s - mean_s)^2), C_ts = sum((t - mean_t)(s - mean_s)). Two passes (mean, then centred
+    sums), float32 accumulation (float64 for float64 input). No rows gives zeros everywhere.
 
     Args:
         teacher_hidden: (..., d_T), any float dtype; read only at ``unit_indices``; never receives gradient.
         student_hidden: (..., d_S), any float dtype; the gradient flows back to it.
         unit_indices: (d_S,) int, teacher unit for each student unit, in rank order.
         valid_mask: (...) bool, True for rows to use; None uses every row.
-        shift_teacher, shift_student: (d_S,) float32 shifts K. The same shift must be used on every rank
-            whose sums are added. None: the column means of these rows (two-pass, exact centring).
     """
     acc = accumulation_dtype(student_hidden)
     teacher_rows = _valid_rows(teacher_hidden.detach(), valid_mask)[:, unit_indices].to(acc)  # (N, d_S)
     student_rows = _valid_rows(student_hidden, valid_mask).to(acc)  # (N, d_S)
     num_rows = teacher_rows.shape[0]
-    if shift_teacher is None:
-        shift_teacher = teacher_rows.mean(0) if num_rows else teacher_rows.new_zeros(teacher_rows.shape[1])
-    if shift_student is None:
-        shift_student = (
-            student_rows.detach().mean(0) if num_rows else student_rows.new_zeros(student_rows.shape[1])
-        )
-    t = teacher_rows - shift_teacher.to(acc)
-    s = student_rows - shift_student.to(acc)
     count = student_rows.new_full((student_rows.shape[1],), float(num_rows))
-    return torch.stack([count, t.sum(0), s.sum(0), (t * t).sum(0), (s * s).sum(0), (t * s).sum(0)])
+    if num_rows == 0:
+        zeros = student_rows.sum(0)  # zeros that stay attached to the graph
+        return torch.stack([count, zeros, zeros, zeros, zeros, zeros])
+    mean_t, mean_s = teacher_rows.mean(0), student_rows.mean(0)
+    t = teacher_rows - mean_t
+    s = student_rows - mean_s
+    return torch.stack([count, mean_t, mean_s, (t * t).sum(0), (s * s).sum(0), (t * s).sum(0)])
 
 
-def correlation_from_stats(stats: Tensor, *, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Loss ``sum_m (1 - C_m)^2`` and the per-unit correlations ``C`` (d_S,) from summed statistics.
+def combine_moments(moments: Tensor, all_reduce: AllReduce | None = None) -> Tensor:
+    """Exact merge of moments of disjoint row sets (Chan et al.).
 
-    ``stats`` is (6, d_S) as returned by ``correlation_stats`` (possibly summed over ranks). Raises
-    ``ValueError`` when fewer than 2 rows were counted.
+    Args:
+        moments: (P, 6, d_S) moments of P row blocks to merge here, or (6, d_S) with ``all_reduce``.
+        all_reduce: ``tensor -> tensor`` summing over ranks. When given, the merge runs over ranks: every
+            rank gets the global moments in value, and the gradient of its own rows in backward.
+
+    The merged mean is used detached when centring the block means: d(M2)/d(mean) is exactly zero at the
+    merged mean, so the gradient stays exact.
     """
-    stats = stats.to(accumulation_dtype(stats))
-    num_rows = float(stats[_N, 0].detach())
+
+    def total(x: Tensor) -> Tensor:  # sum over the blocks: here (dim 0) or over ranks
+        return x.sum(0) if all_reduce is None else sum_with_local_grad(x, all_reduce)
+
+    parts = moments
+    n, mean_t, mean_s = parts[..., _N, :], parts[..., _MT, :], parts[..., _MS, :]
+    first = total(torch.stack([n, n * mean_t, n * mean_s], dim=-2))
+    count = first[0]
+    safe_count = count.clamp_min(1.0)
+    merged_mean_t, merged_mean_s = first[1] / safe_count, first[2] / safe_count
+    dt = mean_t - merged_mean_t.detach()
+    ds = mean_s - merged_mean_s.detach()
+    second = total(
+        torch.stack(
+            [
+                parts[..., _M2T, :] + n * dt * dt,
+                parts[..., _M2S, :] + n * ds * ds,
+                parts[..., _CTS, :] + n * dt * ds,
+            ],
+            dim=-2,
+        )
+    )
+    return torch.stack([count, merged_mean_t, merged_mean_s, second[0], second[1], second[2]])
+
+
+def correlation_from_moments(moments: Tensor, *, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Loss ``sum_m (1 - C_m)^2`` and the per-unit correlations ``C`` (d_S,) from (6, d_S) moments.
+
+    Raises ``ValueError`` when fewer than 2 rows were counted.
+    """
+    moments = moments.to(accumulation_dtype(moments))
+    num_rows = float(moments[_N, 0].detach())
     if num_rows < 2:
         raise ValueError(
             f"the correlation loss needs at least 2 valid rows (tokens) to centre over; got {int(num_rows)}"
         )
-    n = stats[_N]
-    mean_t, mean_s = stats[_ST] / n, stats[_SS] / n
-    # Centred second moments from the shifted sums; clamp rounding below zero for the norms.
-    cov_ts = stats[_STS] - stats[_ST] * mean_s
-    var_t = (stats[_STT] - stats[_ST] * mean_t).clamp_min(0.0)
-    var_s = (stats[_SSS] - stats[_SS] * mean_s).clamp_min(0.0)
-    # max(sqrt(v), eps) written as sqrt(max(v, eps^2)) so the gradient of sqrt never sees 0.
-    norm_t = var_t.clamp_min(eps * eps).sqrt()
-    norm_s = var_s.clamp_min(eps * eps).sqrt()
-    corr = cov_ts / (norm_t * norm_s)
+    # max(sqrt(M2), eps) written as sqrt(max(M2, eps^2)) so the gradient of sqrt never sees 0.
+    norm_t = moments[_M2T].clamp_min(eps * eps).sqrt()
+    norm_s = moments[_M2S].clamp_min(eps * eps).sqrt()
+    corr = moments[_CTS] / (norm_t * norm_s)
     return ((1.0 - corr) ** 2).sum(), corr
 
 
@@ -181,63 +203,11 @@ def correlation_loss(
             disagree, or fewer than 2 valid rows (in total over ranks when ``all_reduce`` is given).
     """
     check_correlation_inputs(teacher_hidden, student_hidden, unit_indices, valid_mask)
-    if all_reduce is None:
-        stats = correlation_stats(teacher_hidden, student_hidden, unit_indices, valid_mask)
-    else:
-        stats = _global_stats(teacher_hidden, student_hidden, unit_indices, valid_mask, all_reduce)
-    loss, _ = correlation_from_stats(stats, eps=eps)
+    moments = correlation_moments(teacher_hidden, student_hidden, unit_indices, valid_mask)
+    if all_reduce is not None:
+        moments = combine_moments(moments, all_reduce)
+    loss, _ = correlation_from_moments(moments, eps=eps)
     return loss
-
-
-def _global_stats(
-    teacher_hidden: Tensor,
-    student_hidden: Tensor,
-    unit_indices: Tensor,
-    valid_mask: Tensor | None,
-    all_reduce: AllReduce,
-) -> Tensor:
-    """Statistics summed over ranks, differentiable w.r.t. this rank's student rows."""
-    shift_teacher, shift_student = common_shift(
-        teacher_hidden, student_hidden, unit_indices, valid_mask, all_reduce
-    )
-    local = correlation_stats(
-        teacher_hidden,
-        student_hidden,
-        unit_indices,
-        valid_mask,
-        shift_teacher=shift_teacher,
-        shift_student=shift_student,
-    )
-    return sum_with_local_grad(local, all_reduce)
-
-
-def common_shift(
-    teacher_hidden: Tensor,
-    student_hidden: Tensor,
-    unit_indices: Tensor,
-    valid_mask: Tensor | None,
-    all_reduce: AllReduce,
-) -> tuple[Tensor, Tensor]:
-    """One shift per column shared by all ranks: the mean over ranks of each rank's local column means.
-
-    Any value near the global mean keeps the shifted sums well conditioned; this one costs one small
-    all-reduce of (2 d_S + 1) numbers and is identical on every rank.
-    """
-    acc = accumulation_dtype(student_hidden)
-    teacher_rows = _valid_rows(teacher_hidden.detach(), valid_mask)[:, unit_indices].to(acc)
-    student_rows = _valid_rows(student_hidden.detach(), valid_mask).to(acc)
-    has_rows = float(teacher_rows.shape[0] > 0)
-    local = torch.cat(
-        [
-            teacher_rows.mean(0) if has_rows else teacher_rows.new_zeros(teacher_rows.shape[1]),
-            student_rows.mean(0) if has_rows else student_rows.new_zeros(student_rows.shape[1]),
-            teacher_rows.new_full((1,), has_rows),
-        ]
-    )
-    total = all_reduce(local.clone())
-    ranks_with_rows = total[-1].clamp_min(1.0)
-    d_student = student_rows.shape[1]
-    return total[:d_student] / ranks_with_rows, total[d_student : 2 * d_student] / ranks_with_rows
 
 
 def sum_with_local_grad(local: Tensor, all_reduce: AllReduce) -> Tensor:
