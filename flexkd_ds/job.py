@@ -1,0 +1,182 @@
+"""What the score and distill jobs share: resolving the models, tokenizer and data, checking the pair, the
+teacher engine, and the importance file (reuse / recompute / refuse)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from . import __version__, data, models
+from .byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
+from .config import DistillConfig
+from .engine import DistEnv, build_teacher_engine, deepspeed_dict, engine_dtype, main_first
+from .importance import ImportanceFile, load_importance
+
+logger = logging.getLogger("flexkd_ds")
+
+BUILTIN_SYNTHETIC = "builtin:synthetic"
+
+
+def setup_logging(env: DistEnv) -> None:
+    """INFO on rank 0, warnings only elsewhere; one line format."""
+    level = logging.INFO if env.is_main else logging.WARNING
+    logging.basicConfig(
+        level=level, format=f"[flexkd rank{env.rank}] %(message)s", stream=sys.stdout, force=True
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class ModelSpec:
+    """How to obtain one model: a source to load, or a config to initialise randomly."""
+
+    name: str  # identifier written into artifacts (importance file ``teacher``)
+    config: PretrainedConfig
+    source: models.ModelSource | None  # None = random init from ``config``
+    seed: int
+
+    def load(self, dtype: torch.dtype):
+        if self.source is None:
+            return models.build_causal_lm_from_config(self.config, seed=self.seed, dtype=dtype)
+        return models.load_causal_lm(self.source, dtype=dtype)
+
+    @property
+    def width(self) -> int:
+        return models.lm_head_input_size(self.config)
+
+
+def model_specs(cfg: DistillConfig) -> tuple[ModelSpec, ModelSpec, object]:
+    """(teacher, student, tokenizer) from ``cfg.model``; no weights are loaded here."""
+    m = cfg.model
+    if m.teacher is not None:
+        t_source = models.resolve_model_source(m.teacher, m.teacher_gguf_file)
+        t_config = models.load_config(t_source)
+        # The name as the user wrote it: stable across machines (a resolved site-packages path is not).
+        t_name = m.teacher if m.teacher_gguf_file is None else f"{m.teacher}/{m.teacher_gguf_file}"
+        teacher = ModelSpec(t_name, t_config, t_source, cfg.seed)
+    else:
+        arch = dict(m.teacher_arch)
+        t_config = models.tiny_config(arch.pop("family", "llama"), **arch)
+        teacher = ModelSpec(f"random:{_arch_name(m.teacher_arch)}", t_config, None, cfg.seed)
+
+    if m.student is not None:
+        s_source = models.resolve_model_source(m.student, m.student_gguf_file)
+        student = ModelSpec(s_source.display_name, models.load_config(s_source), s_source, cfg.seed)
+    else:
+        arch = dict(m.student_arch)
+        if arch.pop("from_teacher", False):
+            s_config = models.narrow_student_config(t_config, **arch)
+        else:
+            s_config = models.tiny_config(arch.pop("family", "llama"), **arch)
+        student = ModelSpec(f"random:{_arch_name(m.student_arch)}", s_config, None, cfg.seed + 1)
+
+    tokenizer_source = m.tokenizer or (m.teacher if m.teacher is not None else None)
+    if tokenizer_source is None:
+        raise ValueError(
+            "model.tokenizer is required when the teacher is built from model.teacher_arch "
+            "(e.g. model.tokenizer=path/to/tokenizer)"
+        )
+    if tokenizer_source == BYTE_TOKENIZER_NAME:
+        tokenizer = byte_tokenizer()
+    elif m.tokenizer is None and m.teacher is not None:
+        tokenizer = models.load_tokenizer(teacher.source)
+    else:
+        tokenizer = models.load_tokenizer(models.resolve_model_source(tokenizer_source))
+    models.ensure_pad_token(tokenizer)
+    return teacher, student, tokenizer
+
+
+def _arch_name(arch: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(arch.items()))
+
+
+def check_models(cfg: DistillConfig, teacher: ModelSpec, student: ModelSpec, tokenizer) -> None:
+    """Refuse an unusable pair before anything heavy runs (vocab, tokenizer, d_S < d_T, max_length)."""
+    loss = cfg.loss
+    report = models.check_pair(
+        teacher.config,
+        student.config,
+        tokenizer,
+        tokenizer,
+        need_same_vocab=loss.logit_loss != "none" and loss.beta > 0,
+        need_narrower=loss.feature_loss == "flexkd",
+        max_length=cfg.data.max_length,
+        teacher_name=teacher.name,
+        student_name=student.name,
+    )
+    for warning in getattr(report, "warnings", []):
+        logger.warning(warning)
+
+
+def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None):
+    """Instruction rows of a dataset source, or the built-in generated set."""
+    if source == BUILTIN_SYNTHETIC:
+        from .synthetic import synthetic_instructions
+
+        return synthetic_instructions(cfg.data.num_synthetic, seed=cfg.seed)
+    loaded = data.load_instruction_rows(source, split=split, on_bad_row=cfg.data.on_bad_row, max_rows=max_rows)
+    if loaded.num_bad:
+        logger.warning("data: %s", loaded.summary())
+    return loaded
+
+
+def train_dataset(cfg: DistillConfig, tokenizer, env: DistEnv) -> data.InstructionDataset:
+    with main_first(env):
+        rows = load_rows(cfg, cfg.data.train, cfg.data.train_split, cfg.data.max_train_rows)
+        return data.InstructionDataset(
+            rows,
+            tokenizer,
+            max_length=cfg.data.max_length,
+            max_prompt_length=cfg.data.max_prompt_length,
+            prompt_style=cfg.data.prompt_style,
+            eager=True,
+            show_progress=env.is_main,
+        )
+
+
+def teacher_engine(cfg: DistillConfig, teacher: ModelSpec, env: DistEnv, micro_batch_size: int):
+    """The teacher's ZeRO-3 inference engine (its own DeepSpeed config)."""
+    ds_dict = deepspeed_dict(
+        cfg.deepspeed.teacher_config, micro_batch_size=micro_batch_size, grad_accum=1, world_size=env.world_size
+    )
+    if teacher.source is not None and teacher.source.kind == "gguf":
+        logger.info(
+            "teacher %s is a GGUF file: transformers materialises it on every rank before DeepSpeed shards it",
+            teacher.name,
+        )
+    return build_teacher_engine(lambda: teacher.load(engine_dtype(ds_dict)), ds_dict)
+
+
+def importance_metadata(cfg: DistillConfig, teacher: ModelSpec, accumulator, tail: float) -> dict:
+    return {
+        "teacher": teacher.name,
+        "layer": "last_hidden_state",
+        "functional": cfg.importance.functional,
+        "num_examples": accumulator.num_examples,
+        "num_tokens": accumulator.num_tokens,
+        "tail_mass": f"{tail:.6f}",
+        "dataset": cfg.data.train,
+        "seed": cfg.seed,
+        "created_by": f"flexkd_ds {__version__}",
+    }
+
+
+def existing_importance(cfg: DistillConfig, teacher: ModelSpec, d_student: int) -> ImportanceFile | None:
+    """The importance file to reuse, None to compute one; raises on a file made for another pair."""
+    path = cfg.importance.resolved_path(cfg.output_dir)
+    if cfg.importance.recompute or not Path(path).is_file():
+        return None
+    found = load_importance(path)
+    found.check_matches(
+        teacher=teacher.name,
+        d_teacher=teacher.width,
+        d_student=d_student,
+        functional=cfg.importance.functional,
+    )
+    return found

@@ -1,0 +1,149 @@
+"""The scoring job: function-tangent importance of the teacher's last hidden units over the task data,
+sharded over all ranks, reduced exactly, written as ``importance.safetensors`` (DESIGN.md "Artifacts")."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data, importance
+from .config import DistillConfig
+from .engine import DistEnv, HeadInput, all_reduce_sum, barrier, gathered
+from .job import ModelSpec, importance_metadata
+
+logger = logging.getLogger("flexkd_ds")
+
+
+def teacher_head(engine) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A full, read-only copy of the teacher's LM head (V, d_T) and bias, gathered under ZeRO-3."""
+    head = engine.module.get_output_embeddings()
+    params = list(head.parameters())
+    with gathered(params):
+        weight = head.weight.detach().clone()
+        bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
+    return weight, bias
+
+
+def feature_rows(batch: dict[str, torch.Tensor], feature_tokens: str) -> torch.Tensor:
+    """(B, T) bool: the rows Flex-KD scores and correlates: every attended token, or response tokens only."""
+    if feature_tokens == "response":
+        return batch["loss_mask"]
+    return batch["attention_mask"].bool()
+
+
+def score_teacher(
+    cfg: DistillConfig,
+    engine,
+    dataset: data.InstructionDataset,
+    env: DistEnv,
+    pad_id: int,
+) -> importance.ImportanceAccumulator:
+    """Per-example tangent scores of ``importance.num_examples`` training examples, summed over all ranks.
+
+    Every rank runs the same number of teacher forwards (the last batches are padded with placeholder
+    examples whose rows are all masked and which the accumulator skips), as ZeRO-3 requires.
+    """
+    icfg = cfg.importance
+    num_examples = len(dataset) if icfg.num_examples < 0 else min(icfg.num_examples, len(dataset))
+    # A fixed, seeded subset: the same examples whatever the world size.
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:num_examples].tolist()
+    batches = data.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
+    weight, bias = teacher_head(engine)
+    weight, bias = weight.to(env.device), None if bias is None else bias.to(env.device)
+    capture = HeadInput(engine.module)
+    accumulator = importance.ImportanceAccumulator(weight.shape[1])
+    start = time.perf_counter()
+    bar = tqdm(batches, desc="importance", disable=not env.is_main, unit="batch")
+    for batch_positions in bar:
+        examples = [None if p is None else dataset[order[p]] for p in batch_positions]
+        batch = {k: v.to(env.device) for k, v in data.collate(examples, pad_id).items()}
+        rows = feature_rows(batch, cfg.loss.feature_tokens)
+        rows &= torch.tensor([p is not None for p in batch_positions], device=env.device)[:, None]
+        labels = batch["labels"]
+        if icfg.functional == "label_logprob":
+            rows &= batch["loss_mask"]  # labels exist on response tokens only
+        with torch.no_grad():
+            engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        hidden = capture.pop()
+        scores = importance.tangent_scores(
+            hidden,
+            weight,
+            rows,
+            functional=icfg.functional,
+            labels=labels if icfg.functional == "label_logprob" else None,
+            head_bias=bias,
+            chunk_tokens=icfg.chunk_tokens,
+            empty="zero",
+        )
+        accumulator.update(scores, rows.sum(1))
+    state = accumulator.state_tensor().to(env.device)
+    accumulator.load_state_tensor(all_reduce_sum(state).cpu())
+    logger.info(
+        "importance: %d examples, %d tokens over %d ranks in %.1f s",
+        accumulator.num_examples,
+        accumulator.num_tokens,
+        env.world_size,
+        time.perf_counter() - start,
+    )
+    return accumulator
+
+
+def write_importance(
+    cfg: DistillConfig, teacher: ModelSpec, accumulator, d_student: int, env: DistEnv
+) -> importance.ImportanceFile:
+    """Select the top-d_S units, write the file on rank 0 (atomically), return it on every rank."""
+    scores = accumulator.scores()
+    indices = importance.select_units(scores, d_student)
+    tail = importance.tail_mass(scores, d_student)
+    path = cfg.importance.resolved_path(cfg.output_dir)
+    metadata = importance_metadata(cfg, teacher, accumulator, tail)
+    if env.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        importance.save_importance(path, scores, indices, metadata)
+    barrier()
+    return importance.load_importance(path)
+
+
+def summarize(found: importance.ImportanceFile, top: int = 10) -> str:
+    """A short human summary: top units, tail mass at d_S, score spread."""
+    scores, indices = found.scores, found.indices
+    d_student = indices.numel()
+    head = ", ".join(f"{int(i)}:{float(scores[i]):.3g}" for i in indices[:top])
+    ratio = float(scores.max() / scores.clamp_min(1e-30).min())
+    return (
+        f"importance ({found.metadata.get('functional')}, {found.metadata.get('num_examples')} examples, "
+        f"{found.metadata.get('num_tokens')} tokens): keep d_S={d_student} of d_T={scores.numel()} units, "
+        f"tail mass at d_S = {importance.tail_mass(scores, d_student):.4f}, max/min score = {ratio:.3g}\n"
+        f"  top units (unit:score): {head}"
+    )
+
+
+def run_score(cfg: DistillConfig, compare: str | None = None) -> importance.ImportanceFile:
+    """The scoring job (``launch/score.py``): importance file for ``cfg``'s teacher and student width."""
+    from .engine import init_distributed
+    from .job import model_specs, setup_logging, teacher_engine, train_dataset
+
+    env = init_distributed()
+    setup_logging(env)
+    teacher, student, tokenizer = model_specs(cfg)
+    if student.width >= teacher.width:
+        raise ValueError(
+            f"Flex-KD selects d_S of the teacher's d_T units; the student width d_S={student.width} must be "
+            f"smaller than the teacher's d_T={teacher.width} ({student.name} vs {teacher.name})"
+        )
+    dataset = train_dataset(cfg, tokenizer, env)
+    engine = teacher_engine(cfg, teacher, env, cfg.importance.batch_size)
+    accumulator = score_teacher(cfg, engine, dataset, env, data.pad_token_id(tokenizer))
+    found = write_importance(cfg, teacher, accumulator, student.width, env)
+    if env.is_main:
+        logger.info(summarize(found))
+        logger.info("importance file: %s", found.path)
+        if compare is not None:
+            other = importance.load_importance(compare)
+            k = min(other.indices.numel(), found.indices.numel())
+            overlap = importance.selection_overlap(found.indices[:k], other.indices[:k])
+            logger.info("overlap of the top-%d units with %s: %.1f%%", k, compare, 100 * overlap)
+    return found

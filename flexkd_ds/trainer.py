@@ -1,0 +1,320 @@
+"""The distill job: score (or reuse) the teacher's units, then train the student with
+``L = alpha * L_feature + beta * L_logit + lambda * L_sup`` on DeepSpeed, with checkpoints, preemption
+handling, metrics and a Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from deepspeed.accelerator import get_accelerator
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data, importance
+from .config import DistillConfig, dump_yaml
+from .engine import (
+    DistEnv,
+    HeadInput,
+    all_reduce_sum,
+    barrier,
+    build_student_engine,
+    consolidated_state_dict,
+    deepspeed_dict,
+    engine_dtype,
+    init_distributed,
+    latest_checkpoint,
+    load_checkpoint,
+    offload_optimizer_section,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    sharded_init,
+)
+from .job import check_models, existing_importance, model_specs, setup_logging, teacher_engine, train_dataset
+from .losses import Projector
+from .objective import ObjectiveWeights, micro_objective
+from .scoring import feature_rows, score_teacher, summarize, write_importance
+
+logger = logging.getLogger("flexkd_ds")
+
+
+class DistillStudent(nn.Module):
+    """The student's engine module: the causal LM and, for the projector baseline, its projector, so both
+    are optimised, sharded and checkpointed together. ``forward`` returns (logits, last hidden, projected)."""
+
+    def __init__(self, model: nn.Module, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.projector = projector
+        self._head_input = HeadInput(model)
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hidden = self._head_input.pop()  # (B, T, d_S)
+        projected = self.projector(hidden) if self.projector is not None else None  # (B, T, d_T)
+        return logits, hidden, projected
+
+
+def lr_multiplier(train_cfg):
+    """step -> lr multiplier: linear warm-up, then constant / linear / cosine decay to ``min_lr_ratio``."""
+
+    def multiplier(step: int) -> float:
+        if step < train_cfg.warmup_steps:
+            return (step + 1) / train_cfg.warmup_steps
+        if train_cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, train_cfg.max_steps - train_cfg.warmup_steps)
+        progress = min(1.0, (step - train_cfg.warmup_steps) / span)
+        floor = train_cfg.min_lr_ratio
+        if train_cfg.lr_schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM preemption, ``scancel``, the launcher's forward) set a flag the training loop
+    reads at the next step boundary, where all ranks agree to checkpoint and exit 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
+    t = cfg.train
+    ds = deepspeed_dict(
+        cfg.deepspeed.student_config,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        world_size=env.world_size,
+        global_batch_size=t.global_batch_size,
+    )
+    if t.grad_clip > 0:
+        ds["gradient_clipping"] = t.grad_clip
+    if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
+        ds["optimizer"] = offload_optimizer_section(t.lr, t.betas, t.adam_eps, t.weight_decay)
+    if cfg.deepspeed.tensorboard:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(output_dir / "tensorboard"), "job_name": "distill"}
+    return ds
+
+
+def run_distill(cfg: DistillConfig) -> Path:
+    """Run the whole distill job; returns the exported student directory."""
+    env = init_distributed()
+    setup_logging(env)
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.resolved.yaml")
+        logger.info("resolved config written to %s", out / "config.resolved.yaml")
+    weights = ObjectiveWeights.from_config(cfg.loss)
+    t = cfg.train
+
+    teacher, student, tokenizer = model_specs(cfg)
+    check_models(cfg, teacher, student, tokenizer)
+    dataset = train_dataset(cfg, tokenizer, env)
+    pad_id = data.pad_token_id(tokenizer)
+    needs_teacher = weights.uses_feature or weights.uses_logit
+    t_engine = teacher_engine(cfg, teacher, env, t.micro_batch_size) if needs_teacher else None
+
+    unit_indices, importance_hash = None, None
+    if weights.feature_loss == "flexkd" and weights.uses_feature:
+        found = existing_importance(cfg, teacher, student.width)
+        if found is None:
+            accumulator = score_teacher(cfg, t_engine, dataset, env, pad_id)
+            found = write_importance(cfg, teacher, accumulator, student.width, env)
+        else:
+            logger.info("reusing importance file %s", found.path)
+        if env.is_main:
+            logger.info(summarize(found))
+        unit_indices = found.indices.to(env.device)
+        importance_hash = importance.importance_file_hash(cfg.importance.resolved_path(cfg.output_dir))
+
+    s_ds = student_ds_dict(cfg, env, out)
+    with sharded_init(s_ds):
+        s_model = student.load(engine_dtype(s_ds))
+        projector = Projector(student.width, teacher.width) if weights.feature_loss == "projector" else None
+    module = DistillStudent(s_model, projector)
+    module.train()
+
+    def optimizer_factory(params):
+        fused = {"fused": True} if env.device.type == "cuda" else {}
+        return torch.optim.AdamW(
+            params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay, **fused
+        )
+
+    s_engine = build_student_engine(module, s_ds, optimizer_factory, lr_multiplier(t))
+    sampler = data.ResumableDistributedSampler(len(dataset), rank=env.rank, world_size=env.world_size, seed=cfg.seed)
+    ckpt_dir = out / "checkpoints"
+    start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash)
+
+    preemption = Preemption()
+    metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
+    bar = tqdm(total=t.max_steps, initial=start_step, desc="distill", disable=not env.is_main, unit="step")
+    capture = HeadInput(t_engine.module) if t_engine is not None else None
+    last = {}
+    step = start_step
+    try:
+        while step < t.max_steps:
+            micro_batches = [
+                {k: v.to(env.device) for k, v in data.collate([dataset[i] for i in sampler.next_indices(t.micro_batch_size)], pad_id).items()}
+                for _ in range(t.grad_accum)
+            ]
+            local_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
+            agreed = all_reduce_sum(torch.tensor([float(local_tokens), float(preemption.requested)], device=env.device))
+            if agreed[1] > 0:
+                logger.info("preemption signal: checkpointing at step %d and exiting", step)
+                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
+                return out / "student"
+            last = train_step(cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env)
+            step += 1
+            last.update(step=step, lr=s_engine.get_lr()[0])
+            if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
+                metrics_file.write(json.dumps(last) + "\n")
+                metrics_file.flush()
+            if env.is_main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if s_engine.monitor.enabled if hasattr(s_engine, "monitor") else False:
+                s_engine.monitor.write_events([(f"train/{k}", v, step) for k, v in last.items() if k != "step"])
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
+    student_dir = export_student(s_engine, module, tokenizer, out, env)
+    if env.is_main:
+        terms = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("loss", "lm", "logit", "feature"))
+        logger.info("done: %d steps; last step %s", step, terms)
+        logger.info("student (Hugging Face format): %s", student_dir)
+    return student_dir
+
+
+def train_step(cfg, weights, t_engine, capture, s_engine, micro_batches, global_tokens, unit_indices, env) -> dict:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (same on all ranks)."""
+    accelerator = get_accelerator()
+    teacher_s = student_s = 0.0
+    sums = torch.zeros(5, dtype=torch.float64)  # lm, logit, projector, feature value, micro-batches
+    for batch in micro_batches:
+        teacher_logits = teacher_hidden = None
+        if t_engine is not None:
+            start = time.perf_counter()
+            with torch.no_grad():
+                teacher_logits = t_engine(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                ).logits
+            teacher_hidden = capture.pop()
+            accelerator.synchronize()
+            teacher_s += time.perf_counter() - start
+        start = time.perf_counter()
+        student_logits, student_hidden, projected = s_engine(batch["input_ids"], batch["attention_mask"])
+        terms = micro_objective(
+            weights,
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            student_hidden=student_hidden,
+            teacher_hidden=teacher_hidden,
+            projected_hidden=projected,
+            labels=batch["labels"],
+            feature_mask=feature_rows(batch, cfg.loss.feature_tokens),
+            unit_indices=unit_indices,
+            global_tokens=global_tokens,
+            grad_accum=cfg.train.grad_accum,
+            world_size=env.world_size,
+            all_reduce=all_reduce_sum,
+        )
+        s_engine.backward(terms.loss)
+        s_engine.step()
+        accelerator.synchronize()
+        student_s += time.perf_counter() - start
+        sums += torch.tensor([terms.lm_sum, terms.logit_sum, terms.projector_sum, terms.feature_value, 1.0], dtype=torch.float64)
+    totals = all_reduce_sum(sums.to(env.device)).cpu()
+    lm, logit, proj = (totals[:3] / global_tokens).tolist()
+    feature = float(totals[3] / totals[4])
+    if weights.feature_loss == "projector":
+        feature = proj
+    loss = (
+        weights.lm_weight * lm * weights.uses_lm
+        + weights.beta * logit * weights.uses_logit
+        + weights.alpha * feature * weights.uses_feature
+    )
+    elapsed = teacher_s + student_s
+    return {
+        "loss": loss,
+        "lm": lm,
+        "logit": logit,
+        "feature": feature,
+        "tokens": int(global_tokens),
+        "tokens_per_s": global_tokens / max(elapsed, 1e-9),
+        "teacher_ms": 1000 * teacher_s,
+        "student_ms": 1000 * student_s,
+        "grad_norm": float(s_engine.get_global_grad_norm() or 0.0),
+    }
+
+
+def checkpoint(s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None) -> None:
+    client_state = {"step": step, "importance_hash": importance_hash, "sampler": sampler.state_dict()}
+    rank_state = {"rng": rng_state(), "sampler": sampler.state_dict()}
+    save_checkpoint(s_engine, ckpt_dir, f"step{step:08d}", client_state, rank_state)
+    logger.info("checkpoint step %d saved in %s", step, ckpt_dir)
+
+
+def resume(cfg: DistillConfig, s_engine, sampler, ckpt_dir: Path, importance_hash: str | None) -> int:
+    """Load the checkpoint ``train.resume`` asks for; returns the step to continue from (0 if none)."""
+    mode = cfg.train.resume
+    if mode == "never":
+        return 0
+    if mode == "auto":
+        directory, tag = ckpt_dir, latest_checkpoint(ckpt_dir)
+        if tag is None:
+            return 0
+    else:
+        path = Path(mode)
+        if (path / "latest").is_file():
+            directory, tag = path, latest_checkpoint(path)
+        elif path.is_dir():
+            directory, tag = path.parent, path.name
+        else:
+            raise FileNotFoundError(f"train.resume={mode!r}: no such checkpoint directory")
+    client_state, rank_state = load_checkpoint(s_engine, directory, tag)
+    saved_hash = client_state.get("importance_hash")
+    if saved_hash != importance_hash:
+        raise ValueError(
+            f"checkpoint {directory / tag} was trained with a different importance file (or feature loss); "
+            "resume with the file it used, or start fresh with train.resume=never"
+        )
+    sampler.load_state_dict(rank_state["sampler"])
+    set_rng_state(rank_state["rng"])
+    logger.info("resumed from %s at step %d", directory / tag, client_state["step"])
+    return int(client_state["step"])
+
+
+def export_student(s_engine, module: DistillStudent, tokenizer, out: Path, env: DistEnv) -> Path:
+    """``student/`` in Hugging Face format (+ tokenizer); the projector, if any, beside it."""
+    state = consolidated_state_dict(s_engine)  # collective under ZeRO-3
+    student_dir = out / "student"
+    if env.is_main:
+        model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        module.model.save_pretrained(student_dir, state_dict=model_state, safe_serialization=True)
+        tokenizer.save_pretrained(student_dir)
+        projector_state = {k.removeprefix("projector."): v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+        if projector_state:
+            save_file(projector_state, str(out / "projector.safetensors"))
+    barrier()
+    return student_dir
