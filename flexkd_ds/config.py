@@ -6,10 +6,9 @@ types, out-of-range values and contradicting options raise ``ConfigError`` namin
 file or override behind it. Help texts and numeric bounds live in each field's metadata; ``config_help()``
 lists them (the ``--help`` epilog of every job).
 
-DeepSpeed JSON files (``ds_configs/``) hold DeepSpeed settings only. Three functions own everything the
-jobs add to them: ``fill_batch_sizes`` (the one place batch sizes are set and checked), ``resolve_precision``
-(the ``"auto"`` bf16/fp16 placeholders) and ``build_ds_config`` (both, plus gradient clipping and
-TensorBoard from this config). Nothing else patches these dicts.
+DeepSpeed JSON files (``ds_configs/``) hold DeepSpeed settings only: ``load_ds_config`` refuses batch sizes
+and the keys the jobs own; ``fill_batch_sizes`` is the one place batch sizes are set and checked;
+``resolve_precision`` turns the ``"auto"`` bf16/fp16 placeholders into booleans.
 """
 
 from __future__ import annotations
@@ -582,7 +581,7 @@ def dump_yaml(cfg: DistillConfig, path: str | os.PathLike) -> Path:
         p = p / RESOLVED_CONFIG_NAME
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=110)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, width=110)
     tmp.write_text(f"# flexkd-ds resolved config; rerun with --config {p.name}\n{text}", encoding="utf-8")
     os.replace(tmp, p)
     return p
@@ -630,15 +629,28 @@ def build_arg_parser(prog: str | None = None, description: str | None = None) ->
 
 
 def parse_args(
-    argv: Sequence[str] | None = None, prog: str | None = None, description: str | None = None
-) -> DistillConfig:
-    """The validated config of a command line; a config error exits (status 2) with the message."""
+    argv: Sequence[str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+    extra_args: Sequence[tuple[str, str]] = (),
+) -> Any:
+    """The validated config of a command line; a config error exits (status 2) with its message.
+
+    ``extra_args``: job-specific options as ``(flag, help)`` pairs (string values, default None). Without
+    them the result is the ``DistillConfig``; with them it is ``(config, namespace of those options)``.
+    """
     parser = build_arg_parser(prog, description)
+    for flag, help in extra_args:
+        parser.add_argument(flag, help=help, default=None)
     ns = parser.parse_args(argv)
     try:
-        return load_config(ns.config, ns.overrides)
+        cfg = load_config(ns.config, ns.overrides)
     except ConfigError as e:
         parser.error(str(e))
+    if not extra_args:
+        return cfg
+    extras = {a.dest for a in parser._actions if any(f in a.option_strings for f, _ in extra_args)}
+    return cfg, argparse.Namespace(**{d: getattr(ns, d) for d in sorted(extras)})
 
 
 # ------------------------------------------------------------------------------------ DeepSpeed dicts
@@ -758,27 +770,3 @@ def resolve_precision(ds_dict: Mapping[str, Any], device_type: str, dtype: str =
     if device_type == "cpu" and "fp16" in enabled:
         raise ValueError("fp16 is not supported on CPU; use model.dtype=bf16 or fp32")
     return out
-
-
-def build_ds_config(
-    cfg: DistillConfig, role: Literal["teacher", "student"], *, world_size: int, device_type: str
-) -> dict:
-    """The dict for ``deepspeed.initialize`` of ``role``: its file + batch sizes + precision, and for the
-    student gradient clipping and TensorBoard. DeepSpeed needs batch keys for the teacher too; there they
-    are bookkeeping (the teacher runs once per student micro-batch)."""
-    _check(role in ("teacher", "student"), (), f"role must be 'teacher' or 'student'; got {role!r}")
-    key, t = f"deepspeed.{role}_config", cfg.train
-    ds = fill_batch_sizes(
-        load_ds_config(getattr(cfg.deepspeed, f"{role}_config"), key),
-        micro_batch_size=t.micro_batch_size,
-        grad_accum=t.grad_accum,
-        world_size=world_size,
-        global_batch_size=t.global_batch_size,
-    )
-    ds = resolve_precision(ds, device_type, cfg.model.dtype)
-    if role == "student" and t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
-    if role == "student" and cfg.deepspeed.tensorboard:
-        path = str(Path(cfg.output_dir) / "tensorboard")
-        ds["tensorboard"] = {"enabled": True, "output_path": path, "job_name": "student"}
-    return ds

@@ -114,10 +114,17 @@ def main_first(env: DistEnv) -> Iterator[None]:
 
 
 def deepspeed_dict(
-    path: str | os.PathLike, *, micro_batch_size: int, grad_accum: int, world_size: int, global_batch_size=None
+    path: str | os.PathLike,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    global_batch_size: int | None = None,
+    dtype: str = "auto",
 ) -> dict:
-    """A DeepSpeed config ready for ``deepspeed.initialize``: file + precision for this device + batch sizes."""
-    ds_dict = resolve_precision(load_ds_config(path), device_type())
+    """A DeepSpeed config ready for ``deepspeed.initialize``: file + precision (``model.dtype``; auto = bf16
+    on GPU, fp32 on CPU) + batch sizes."""
+    ds_dict = resolve_precision(load_ds_config(path), device_type(), dtype)
     return fill_batch_sizes(
         ds_dict,
         micro_batch_size=micro_batch_size,

@@ -89,6 +89,11 @@ def model_specs(cfg: DistillConfig) -> tuple[ModelSpec, ModelSpec, object]:
     else:
         tokenizer = models.load_tokenizer(models.resolve_model_source(tokenizer_source))
     models.ensure_pad_token(tokenizer)
+    for spec in (teacher, student):
+        if spec.source is None:  # random init: generation must stop at this tokenizer's EOS
+            spec.config.bos_token_id = tokenizer.bos_token_id
+            spec.config.eos_token_id = tokenizer.eos_token_id
+            spec.config.pad_token_id = tokenizer.pad_token_id
     return teacher, student, tokenizer
 
 
@@ -143,7 +148,11 @@ def train_dataset(cfg: DistillConfig, tokenizer, env: DistEnv) -> data.Instructi
 def teacher_engine(cfg: DistillConfig, teacher: ModelSpec, env: DistEnv, micro_batch_size: int):
     """The teacher's ZeRO-3 inference engine (its own DeepSpeed config)."""
     ds_dict = deepspeed_dict(
-        cfg.deepspeed.teacher_config, micro_batch_size=micro_batch_size, grad_accum=1, world_size=env.world_size
+        cfg.deepspeed.teacher_config,
+        micro_batch_size=micro_batch_size,
+        grad_accum=1,
+        world_size=env.world_size,
+        dtype=cfg.model.dtype,
     )
     if teacher.source is not None and teacher.source.kind == "gguf":
         logger.info(

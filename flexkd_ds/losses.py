@@ -16,6 +16,9 @@ centred sums of squares and cross-products. Moments of disjoint row sets merge e
 the loss over a whole global batch needs two small all-reduces and never the raw
 ``sum(x^2) - sum(x)^2 / n``, which in fp32 returns noise for massive-activation columns (|mean| in the
 hundreds, std below one).
+
+Further below: the logit divergences of ``L_logit`` and the LM loss of ``L_sup`` (token sums, so one place
+owns normalisation), and the feature baselines (linear CKA, learned projector + MSE).
 """
 
 from __future__ import annotations
@@ -173,7 +176,14 @@ def correlation_from_moments(moments: Tensor, *, eps: float = 1e-6) -> tuple[Ten
     # max(sqrt(M2), eps) written as sqrt(max(M2, eps^2)) so the gradient of sqrt never sees 0.
     norm_t = moments[_M2T].clamp_min(eps * eps).sqrt()
     norm_s = moments[_M2S].clamp_min(eps * eps).sqrt()
-    corr = moments[_CTS] / (norm_t * norm_s)
+    # A column constant up to rounding (std <= eps * max(1, |mean|): float32 leaves residuals of about
+    # |mean| * 1e-7 around a constant) has no correlation: C = 0 with no gradient. Dividing by eps instead
+    # would give it a 1/eps-sized gradient that, after clipping, drowns every other unit's update.
+    n = moments[_N]
+    floor_t = n * (eps * moments[_MT].abs().clamp_min(1.0)) ** 2
+    floor_s = n * (eps * moments[_MS].abs().clamp_min(1.0)) ** 2
+    degenerate = (moments[_M2T] <= floor_t) | (moments[_M2S] <= floor_s)
+    corr = torch.where(degenerate, torch.zeros_like(norm_s), moments[_CTS] / (norm_t * norm_s))
     return ((1.0 - corr) ** 2).sum(), corr
 
 
@@ -194,7 +204,8 @@ def correlation_loss(
         unit_indices: (d_S,) int64 selected teacher units, student unit m pairs with teacher unit
             ``unit_indices[m]``.
         valid_mask: (...) bool, the rows (tokens) to correlate over; None means all rows.
-        eps: lower bound on each centred column norm (a constant column gives C = 0, not NaN).
+        eps: a column whose std is at most ``eps * max(1, |mean|)`` (constant up to rounding) counts as
+            C = 0 and gets no gradient.
         all_reduce: optional ``tensor -> tensor`` summing across data-parallel ranks. When given, the loss
             is the one on the union of all ranks' rows (``correlation_scope: global``): every rank returns
             the same value and its backward yields its own rows' share of the global gradient.
@@ -521,7 +532,31 @@ def projector_mse_loss(
             f"projector maps d_student={projector.d_student} -> d_teacher={projector.d_teacher}, but "
             f"student_hidden has d_S={widths[0]} and teacher_hidden d_T={widths[1]}"
         )
-    projected = projector(student_rows)  # (N, d_T)
-    acc = accumulation_dtype(projected)
-    per_token = (projected.to(acc) - teacher_rows.to(acc)).square().mean(-1)  # (N,)
-    return _reduce_tokens(per_token, reduction, "projector_mse_loss")
+    projected = projector(student_rows)  # (N, d_T), only the valid rows are projected
+    return _reduce_tokens(_mse_per_token(projected, teacher_rows), reduction, "projector_mse_loss")
+
+
+def projector_mse_loss_from_projected(
+    projected_hidden: Tensor,
+    teacher_hidden: Tensor,
+    valid_mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+) -> Tensor:
+    """``projector_mse_loss`` when the projection already ran, e.g. inside the student engine's forward (under
+    ZeRO-3 the projector's parameters are only gathered there). ``projected_hidden`` (..., d_T) gets the
+    gradient; ``teacher_hidden`` (..., d_T) is detached; same reductions and errors."""
+    _check_reduction(reduction, ("mean", "sum"))
+    if projected_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"projected_hidden {tuple(projected_hidden.shape)} must have the shape of teacher_hidden "
+            f"{tuple(teacher_hidden.shape)}"
+        )
+    teacher_rows, projected_rows = _paired_rows(teacher_hidden, projected_hidden, valid_mask)
+    return _reduce_tokens(_mse_per_token(projected_rows, teacher_rows), reduction, "projector_mse_loss")
+
+
+def _mse_per_token(projected_rows: Tensor, teacher_rows: Tensor) -> Tensor:
+    """(N, d_T), (N, d_T) -> (N,) mean over units of the squared difference, in the accumulation dtype."""
+    acc = accumulation_dtype(projected_rows)
+    return (projected_rows.to(acc) - teacher_rows.to(acc)).square().mean(-1)

@@ -101,6 +101,7 @@ def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
         grad_accum=t.grad_accum,
         world_size=env.world_size,
         global_batch_size=t.global_batch_size,
+        dtype=cfg.model.dtype,
     )
     if t.grad_clip > 0:
         ds["gradient_clipping"] = t.grad_clip

@@ -15,6 +15,7 @@ from flexkd_ds.losses import (
     lm_loss,
     logit_divergence,
     projector_mse_loss,
+    projector_mse_loss_from_projected,
 )
 
 # --------------------------------------------------------------------------------------------------------
@@ -132,7 +133,9 @@ def test_float64_stays_float64_and_bf16_accumulates_in_float32():
     got = logit_divergence(student, teacher, None, kind="jsd", jsd_beta=0.3, temperature=1.5)
     assert got.dtype == torch.float64
     p, q = softmax64(teacher, 1.5), softmax64(student, 1.5)
-    assert got.item() == pytest.approx(reference_divergence("jsd", p, q, jsd_beta=0.3).mean().item(), rel=1e-12)
+    assert got.item() == pytest.approx(
+        reference_divergence("jsd", p, q, jsd_beta=0.3).mean().item(), rel=1e-12
+    )
     s16, t16 = student.bfloat16(), teacher.bfloat16()
     got16 = logit_divergence(s16, t16, None, kind="fkl")
     assert got16.dtype == torch.float32
@@ -159,10 +162,14 @@ def test_jsd_half_is_the_symmetric_textbook_jsd():
     student, teacher = make_logits(seed=5)
     p, q = softmax64(teacher, 2.0), softmax64(student, 2.0)
     expected = entropy64((p + q) / 2) - 0.5 * (entropy64(p) + entropy64(q))
-    got = logit_divergence(student, teacher, None, kind="jsd", jsd_beta=0.5, temperature=2.0, reduction="none")
+    got = logit_divergence(
+        student, teacher, None, kind="jsd", jsd_beta=0.5, temperature=2.0, reduction="none"
+    )
     assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-7)
     # symmetric: swapping the roles of student and teacher gives the same value at beta = 0.5
-    swapped = logit_divergence(teacher, student, None, kind="jsd", jsd_beta=0.5, temperature=2.0, reduction="none")
+    swapped = logit_divergence(
+        teacher, student, None, kind="jsd", jsd_beta=0.5, temperature=2.0, reduction="none"
+    )
     assert torch.allclose(got, swapped, rtol=1e-5, atol=1e-7)
     assert expected.max() <= math.log(2)  # and bounded by log 2, as the JSD must be
 
@@ -182,7 +189,9 @@ def test_skew_zero_is_fkl_rkl_and_skew_one_is_zero():
         assert student_leaf.grad.abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("kind, kwargs", KIND_ARGS + [("skew_fkl", {"skew": 0.0}), ("jsd", {"jsd_beta": 1.0})])
+@pytest.mark.parametrize(
+    "kind, kwargs", KIND_ARGS + [("skew_fkl", {"skew": 0.0}), ("jsd", {"jsd_beta": 1.0})]
+)
 def test_gradcheck_float64(kind, kwargs):
     student, teacher = make_logits(shape=(2, 3), vocab=5, seed=7, dtype=torch.float64)
     mask = torch.tensor([[True, False, True], [True, True, False]])
@@ -331,7 +340,7 @@ def reference_cross_entropy(logits, labels, ignore_index=-100):
     """Per-token -log softmax(z)[y] written out in float64; returns (list of values, count)."""
     z = logits.detach().double().reshape(-1, logits.shape[-1])
     values = []
-    for row, label in zip(z, labels.reshape(-1).tolist()):
+    for row, label in zip(z, labels.reshape(-1).tolist(), strict=True):
         if label == ignore_index:
             continue
         log_norm = math.log(sum(math.exp(float(x - row.max())) for x in row)) + float(row.max())
@@ -516,6 +525,10 @@ def test_projector_mse_matches_written_out_formula(reduction):
     got = projector_mse_loss(projector, student.float(), teacher.float(), mask, reduction=reduction)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(expected, rel=1e-5)
+    # the engine's route: the projection ran in the student's forward, over every position
+    projected = projector(student.float())  # (3, 5, 6)
+    got_projected = projector_mse_loss_from_projected(projected, teacher.float(), mask, reduction=reduction)
+    assert got_projected.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_projector_gradient_reaches_parameters_and_student_not_teacher():
@@ -563,3 +576,11 @@ def test_projector_empty_mask_and_value_errors():
         projector_mse_loss(projector, student, teacher, reduction="none")
     with pytest.raises(ValueError, match="valid_mask"):
         projector_mse_loss(projector, student, teacher, nothing[:, :3])
+    with pytest.raises(ValueError, match="projected_hidden .* must have the shape of teacher_hidden"):
+        projector_mse_loss_from_projected(projector(student)[..., :4], teacher)
+    with pytest.raises(ValueError, match="no valid token"):
+        projector_mse_loss_from_projected(projector(student), teacher, nothing)
+    teacher.requires_grad_(True)
+    projected = projector(student).detach().requires_grad_(True)
+    projector_mse_loss_from_projected(projected, teacher).backward()
+    assert teacher.grad is None and projected.grad.abs().sum() > 0
