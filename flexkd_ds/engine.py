@@ -68,7 +68,9 @@ def init_distributed() -> DistEnv:
         accelerator.set_device(local_rank)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+    device = torch.device(
+        accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
+    )
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -157,7 +159,9 @@ class HeadInput:
     def __init__(self, model: nn.Module) -> None:
         head = model.get_output_embeddings()
         if head is None:
-            raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to read hidden states at")
+            raise ValueError(
+                f"{type(model).__name__} has no output embeddings (LM head) to read hidden states at"
+            )
         self._value: Tensor | None = None
         self._handle = head.register_forward_pre_hook(self._store)
 
@@ -227,7 +231,9 @@ def build_student_engine(module: nn.Module, ds_dict: dict, optimizer_factory, lr
     saves in its checkpoints.
     """
     params = [p for p in module.parameters() if p.requires_grad]
-    offload = ds_dict.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    offload = (
+        ds_dict.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    )
     if offload:
         optimizer = None
     else:
@@ -237,7 +243,11 @@ def build_student_engine(module: nn.Module, ds_dict: dict, optimizer_factory, lr
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
     engine, *_ = deepspeed.initialize(
-        model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler_factory, config=ds_dict
+        model=module,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_factory,
+        config=ds_dict,
     )
     return engine
 
@@ -262,7 +272,9 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
     return tag if (Path(checkpoint_dir) / tag).is_dir() else None
 
 
-def save_checkpoint(engine, checkpoint_dir: str | os.PathLike, tag: str, client_state: dict, rank_state: dict) -> None:
+def save_checkpoint(
+    engine, checkpoint_dir: str | os.PathLike, tag: str, client_state: dict, rank_state: dict
+) -> None:
     """A complete DeepSpeed checkpoint or none: per-rank extras go in first, ``latest`` is written last.
 
     ``rank_state`` (RNG states, sampler position) is saved per rank as ``flexkd_rank{r}.pt``; a job killed

@@ -126,7 +126,14 @@ def micro_objective(
             terms.projector_sum = float(proj_sum.detach())
         else:
             value, batch_weight = _batch_feature_term(
-                weights, student_hidden, teacher_hidden, feature_mask, unit_indices, all_reduce, grad_accum, world_size
+                weights,
+                student_hidden,
+                teacher_hidden,
+                feature_mask,
+                unit_indices,
+                all_reduce,
+                grad_accum,
+                world_size,
             )
             batch_term = weights.alpha * value * batch_weight
             terms.feature_value = float(value.detach())
@@ -162,7 +169,12 @@ def _batch_feature_term(
             # gradient of the global-batch loss. Averaged over micro-batches only.
             return value, 1.0 / grad_accum
         value = ops.correlation_loss(
-            teacher_hidden, student_hidden, unit_indices, feature_mask, eps=weights.correlation_eps, impl=weights.impl
+            teacher_hidden,
+            student_hidden,
+            unit_indices,
+            feature_mask,
+            eps=weights.correlation_eps,
+            impl=weights.impl,
         )
         return value, 1.0 / (grad_accum * world_size)  # mean over micro-batches and ranks
     if weights.feature_loss == "cka":

@@ -49,7 +49,9 @@ def score_teacher(
     icfg = cfg.importance
     num_examples = len(dataset) if icfg.num_examples < 0 else min(icfg.num_examples, len(dataset))
     # A fixed, seeded subset: the same examples whatever the world size.
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:num_examples].tolist()
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[
+        :num_examples
+    ].tolist()
     batches = data.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
     weight, bias = teacher_head(engine)
     weight, bias = weight.to(env.device), None if bias is None else bias.to(env.device)

@@ -108,7 +108,11 @@ def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
     if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
         ds["optimizer"] = offload_optimizer_section(t.lr, t.betas, t.adam_eps, t.weight_decay)
     if cfg.deepspeed.tensorboard:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(output_dir / "tensorboard"), "job_name": "distill"}
+        ds["tensorboard"] = {
+            "enabled": True,
+            "output_path": str(output_dir / "tensorboard"),
+            "job_name": "distill",
+        }
     return ds
 
 
@@ -158,7 +162,9 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
 
     s_engine = build_student_engine(module, s_ds, optimizer_factory, lr_multiplier(t))
-    sampler = data.ResumableDistributedSampler(len(dataset), rank=env.rank, world_size=env.world_size, seed=cfg.seed)
+    sampler = data.ResumableDistributedSampler(
+        len(dataset), rank=env.rank, world_size=env.world_size, seed=cfg.seed
+    )
     ckpt_dir = out / "checkpoints"
     start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash)
 
@@ -171,16 +177,25 @@ def run_distill(cfg: DistillConfig) -> Path:
     try:
         while step < t.max_steps:
             micro_batches = [
-                {k: v.to(env.device) for k, v in data.collate([dataset[i] for i in sampler.next_indices(t.micro_batch_size)], pad_id).items()}
+                {
+                    k: v.to(env.device)
+                    for k, v in data.collate(
+                        [dataset[i] for i in sampler.next_indices(t.micro_batch_size)], pad_id
+                    ).items()
+                }
                 for _ in range(t.grad_accum)
             ]
             local_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
-            agreed = all_reduce_sum(torch.tensor([float(local_tokens), float(preemption.requested)], device=env.device))
+            agreed = all_reduce_sum(
+                torch.tensor([float(local_tokens), float(preemption.requested)], device=env.device)
+            )
             if agreed[1] > 0:
                 logger.info("preemption signal: checkpointing at step %d and exiting", step)
                 checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
                 return out / "student"
-            last = train_step(cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env)
+            last = train_step(
+                cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env
+            )
             step += 1
             last.update(step=step, lr=s_engine.get_lr()[0])
             if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
@@ -190,7 +205,9 @@ def run_distill(cfg: DistillConfig) -> Path:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if s_engine.monitor.enabled if hasattr(s_engine, "monitor") else False:
-                s_engine.monitor.write_events([(f"train/{k}", v, step) for k, v in last.items() if k != "step"])
+                s_engine.monitor.write_events(
+                    [(f"train/{k}", v, step) for k, v in last.items() if k != "step"]
+                )
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
                 checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
     finally:
@@ -207,7 +224,9 @@ def run_distill(cfg: DistillConfig) -> Path:
     return student_dir
 
 
-def train_step(cfg, weights, t_engine, capture, s_engine, micro_batches, global_tokens, unit_indices, env) -> dict:
+def train_step(
+    cfg, weights, t_engine, capture, s_engine, micro_batches, global_tokens, unit_indices, env
+) -> dict:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (same on all ranks)."""
     accelerator = get_accelerator()
     teacher_s = student_s = 0.0
@@ -244,7 +263,10 @@ def train_step(cfg, weights, t_engine, capture, s_engine, micro_batches, global_
         s_engine.step()
         accelerator.synchronize()
         student_s += time.perf_counter() - start
-        sums += torch.tensor([terms.lm_sum, terms.logit_sum, terms.projector_sum, terms.feature_value, 1.0], dtype=torch.float64)
+        sums += torch.tensor(
+            [terms.lm_sum, terms.logit_sum, terms.projector_sum, terms.feature_value, 1.0],
+            dtype=torch.float64,
+        )
     totals = all_reduce_sum(sums.to(env.device)).cpu()
     lm, logit, proj = (totals[:3] / global_tokens).tolist()
     feature = float(totals[3] / totals[4])
@@ -314,7 +336,11 @@ def export_student(s_engine, module: DistillStudent, tokenizer, out: Path, env: 
         model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         module.model.save_pretrained(student_dir, state_dict=model_state, safe_serialization=True)
         tokenizer.save_pretrained(student_dir)
-        projector_state = {k.removeprefix("projector."): v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+        projector_state = {
+            k.removeprefix("projector."): v.contiguous()
+            for k, v in state.items()
+            if k.startswith("projector.")
+        }
         if projector_state:
             save_file(projector_state, str(out / "projector.safetensors"))
     barrier()

@@ -13,7 +13,12 @@ from flexkd_ds.scoring import run_score
 
 
 def main(argv=None) -> None:
-    cfg, extra = parse_args(argv, prog="score.py", description=__doc__, extra_args=[("--compare", "an importance file to compare the new selection with")])
+    cfg, extra = parse_args(
+        argv,
+        prog="score.py",
+        description=__doc__,
+        extra_args=[("--compare", "an importance file to compare the new selection with")],
+    )
     run_score(cfg, compare=extra.compare)
 
 

@@ -18,9 +18,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed; the kernel tests need it (CPU: interpreter)")
 
-from flexkd_ds.kernels import correlation as kc  # noqa: E402
-
 from flexkd_ds import losses, ops  # noqa: E402
+from flexkd_ds.kernels import correlation as kc  # noqa: E402
 
 if kc.INTERPRETED:
     DEVICE = "cpu"
