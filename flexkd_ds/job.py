@@ -133,9 +133,15 @@ def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None)
     return loaded
 
 
-def train_dataset(cfg: DistillConfig, tokenizer, env: DistEnv) -> data.InstructionDataset:
+def train_dataset(
+    cfg: DistillConfig, tokenizer, env: DistEnv, *, valid: bool = False
+) -> data.InstructionDataset:
+    """The tokenised training set (or, with ``valid=True``, ``data.valid``)."""
+    source, split = (
+        (cfg.data.valid, cfg.data.valid_split) if valid else (cfg.data.train, cfg.data.train_split)
+    )
     with main_first(env):
-        rows = load_rows(cfg, cfg.data.train, cfg.data.train_split, cfg.data.max_train_rows)
+        rows = load_rows(cfg, source, split, None if valid else cfg.data.max_train_rows)
         return data.InstructionDataset(
             rows,
             tokenizer,

@@ -38,7 +38,7 @@ from .engine import (
     sharded_init,
 )
 from .job import check_models, existing_importance, model_specs, setup_logging, teacher_engine, train_dataset
-from .losses import Projector
+from .losses import Projector, lm_loss
 from .objective import ObjectiveWeights, micro_objective
 from .scoring import feature_rows, score_teacher, summarize, write_importance
 
@@ -162,6 +162,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
 
     s_engine = build_student_engine(module, s_ds, optimizer_factory, lr_multiplier(t))
+    valid_set = train_dataset(cfg, tokenizer, env, valid=True) if cfg.data.valid and t.eval_every else None
     sampler = data.ResumableDistributedSampler(
         len(dataset), rank=env.rank, world_size=env.world_size, seed=cfg.seed
     )
@@ -198,6 +199,8 @@ def run_distill(cfg: DistillConfig) -> Path:
             )
             step += 1
             last.update(step=step, lr=s_engine.get_lr()[0])
+            if valid_set is not None and (step % t.eval_every == 0 or step == t.max_steps):
+                last["valid_lm"] = validation_loss(s_engine, valid_set, env, pad_id, t.micro_batch_size)
             if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
@@ -289,6 +292,23 @@ def train_step(
         "student_ms": 1000 * student_s,
         "grad_norm": float(s_engine.get_global_grad_norm() or 0.0),
     }
+
+
+def validation_loss(s_engine, valid_set, env: DistEnv, pad_id: int, batch_size: int) -> float:
+    """Student LM loss (mean NLL per response token) on the validation set, sharded over ranks; every rank
+    runs the same number of forwards (padded batches), as ZeRO-3 requires."""
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)
+    s_engine.eval()
+    with torch.no_grad():
+        for positions in data.shard_for_scoring(len(valid_set), env.rank, env.world_size, batch_size):
+            batch = data.collate([None if p is None else valid_set[p] for p in positions], pad_id)
+            batch = {k: v.to(env.device) for k, v in batch.items()}
+            logits, _, _ = s_engine(batch["input_ids"], batch["attention_mask"])
+            totals[0] += float(lm_loss(logits, batch["labels"], reduction="sum"))
+            totals[1] += float(batch["loss_mask"].sum())
+    s_engine.train()
+    totals = all_reduce_sum(totals)
+    return float(totals[0] / totals[1].clamp_min(1))
 
 
 def checkpoint(s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None) -> None:

@@ -1,0 +1,126 @@
+"""Helpers for the end-to-end tests: launch the real jobs (``deepspeed`` on CPU ranks, or a plain ``python``
+process), read their artifacts, compare weights with a verbose report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "launch" / "recipes" / "tiny.yaml"
+DISTILL = "launch/distill.py"
+SCORE = "launch/score.py"
+# Variables a launcher sets for its ranks: inherited ones would make a plain ``python`` job join a group.
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+              "CROSS_SIZE", "NODE_RANK", "GROUP_RANK")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def job_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.update(extra or {})
+    return env
+
+
+def job_command(script: str, args: Sequence[str], nprocs: int, port: int | None = None) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P script args`` (CPU ranks here), or ``python script args``."""
+    if nprocs == 1:
+        return [sys.executable, script, *args]
+    port = port or free_port()
+    runner = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port", str(port)]
+    return [sys.executable, *runner, script, *args]
+
+
+def recipe_args(output_dir: Path | str, overrides: Sequence[str] = ()) -> list[str]:
+    return ["--config", str(RECIPE), f"output_dir={output_dir}", *overrides]
+
+
+class JobResult:
+    def __init__(self, cmd: list[str], returncode: int, output: str, seconds: float) -> None:
+        self.cmd, self.returncode, self.output, self.seconds = cmd, returncode, output, seconds
+
+    def tail(self, chars: int = 6000) -> str:
+        return f"$ {' '.join(self.cmd)}\n(exit {self.returncode} after {self.seconds:.1f} s)\n" + self.output[-chars:]
+
+
+def run_job(
+    script: str,
+    output_dir: Path,
+    overrides: Sequence[str] = (),
+    *,
+    nprocs: int = 2,
+    timeout: float = 300,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> JobResult:
+    """Run ``script`` with the tiny recipe + ``overrides`` from the repo root; output (stdout + stderr) is kept
+    in ``<output_dir>.log``. ``check``: fail the test (with the log tail) on a non-zero exit."""
+    log_path = Path(f"{output_dir}.log")
+    for attempt in range(2):  # the free port can be taken between our probe and the launcher's bind
+        cmd = job_command(script, recipe_args(output_dir, overrides), nprocs)
+        start = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.run(
+                cmd, cwd=REPO, env=job_env(env), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            )
+        result = JobResult(cmd, proc.returncode, log_path.read_text(errors="replace"), time.perf_counter() - start)
+        if not (proc.returncode and "EADDRINUSE" in result.output and attempt == 0):
+            break
+    if check and result.returncode != 0:
+        raise AssertionError(f"job failed:\n{result.tail()}")
+    return result
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def student_state(output_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(output_dir) / "student" / "model.safetensors"))
+
+
+def assert_states_close(
+    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, atol: float, rtol: float = 0.0
+) -> None:
+    """Same keys and shapes, and every tensor close; the message names the worst tensor and where."""
+    assert sorted(actual) == sorted(expected), f"keys differ: {sorted(set(actual) ^ set(expected))}"
+    worst = (0.0, "", None)
+    for name in expected:
+        a, e = actual[name].double(), expected[name].double()
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        excess = ((a - e).abs() - rtol * e.abs()).max().item() if e.numel() else 0.0
+        if excess > worst[0]:
+            where = int(((a - e).abs() - rtol * e.abs()).flatten().argmax())
+            worst = (excess, name, (where, a.flatten()[where].item(), e.flatten()[where].item()))
+    if worst[0] > atol:
+        where, a_val, e_val = worst[2]
+        raise AssertionError(
+            f"weights differ: worst {worst[1]}[flat {where}] = {a_val!r} vs {e_val!r} "
+            f"(|diff| - rtol|expected| = {worst[0]:.3g} > atol {atol:g})"
+        )
+
+
+def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
