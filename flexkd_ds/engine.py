@@ -29,7 +29,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
-from .config import fill_batch_sizes, load_ds_config, resolve_precision, zero_stage
+from .ds_config import fill_batch_sizes, load_ds_config, resolve_precision, zero_stage
 
 
 @dataclass(frozen=True)
@@ -175,12 +175,13 @@ class HeadInput:
         return value
 
 
-def build_teacher_engine(load_model: Callable[[], nn.Module], ds_dict: dict):
+def build_teacher_engine(load_model: Callable[[], nn.Module], ds_dict: dict, *, sharded: bool = True):
     """A frozen ZeRO-3 inference engine around the teacher.
 
     ``load_model`` is called while an ``HfDeepSpeedConfig`` for ``ds_dict`` is alive, so
     ``from_pretrained`` / ``from_config`` partition the weights as they load (GGUF files are the
     exception: transformers materialises them on every rank first; ``deepspeed.initialize`` then shards).
+    ``sharded=False`` (random init, see ``sharded_init``) builds the model whole; ``initialize`` shards it.
     """
     if zero_stage(ds_dict) != 3:
         raise ValueError(
@@ -190,7 +191,7 @@ def build_teacher_engine(load_model: Callable[[], nn.Module], ds_dict: dict):
     ds_dict = {k: v for k, v in ds_dict.items() if k not in ("optimizer", "scheduler")}
     from transformers.integrations import HfDeepSpeedConfig
 
-    sharded_loading = HfDeepSpeedConfig(ds_dict)  # noqa: F841  (must stay referenced while loading)
+    sharded_loading = HfDeepSpeedConfig(ds_dict) if sharded else None  # noqa: F841  (referenced while loading)
     model = load_model()
     model.requires_grad_(False)
     model.eval()
@@ -201,9 +202,14 @@ def build_teacher_engine(load_model: Callable[[], nn.Module], ds_dict: dict):
 
 
 @contextlib.contextmanager
-def sharded_init(ds_dict: dict) -> Iterator[None]:
-    """Keep an ``HfDeepSpeedConfig`` alive for ZeRO-3 configs (sharded loading); a no-op otherwise."""
-    if zero_stage(ds_dict) != 3:
+def sharded_init(ds_dict: dict, enabled: bool = True) -> Iterator[None]:
+    """Keep an ``HfDeepSpeedConfig`` alive for ZeRO-3 configs (sharded loading); a no-op otherwise.
+
+    Pass ``enabled=False`` for a random init: under it transformers builds the model in ``zero.Init`` and
+    initialises it module by module on rank 0, drawing the RNG in another order, so the same seed would give
+    other weights under ZeRO-3 than under stage 0-2 (or a plain rebuild). Random models are small.
+    """
+    if zero_stage(ds_dict) != 3 or not enabled:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig

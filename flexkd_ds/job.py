@@ -167,7 +167,10 @@ def teacher_engine(cfg: DistillConfig, teacher: ModelSpec, env: DistEnv, micro_b
             "teacher %s is a GGUF file: transformers materialises it on every rank before DeepSpeed shards it",
             teacher.name,
         )
-    return build_teacher_engine(lambda: teacher.load(engine_dtype(ds_dict)), ds_dict)
+    # A random teacher is built whole (one seed, one model whatever the sharding; see engine.sharded_init).
+    return build_teacher_engine(
+        lambda: teacher.load(engine_dtype(ds_dict)), ds_dict, sharded=teacher.source is not None
+    )
 
 
 def importance_metadata(cfg: DistillConfig, teacher: ModelSpec, accumulator, tail: float) -> dict:

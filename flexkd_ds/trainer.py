@@ -149,7 +149,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         importance_hash = importance.importance_file_hash(cfg.importance.resolved_path(cfg.output_dir))
 
     s_ds = student_ds_dict(cfg, env, out)
-    with sharded_init(s_ds):
+    with sharded_init(s_ds, enabled=student.source is not None):  # random init: built whole, same weights
         s_model = student.load(engine_dtype(s_ds))
         projector = Projector(student.width, teacher.width) if weights.feature_loss == "projector" else None
     module = DistillStudent(s_model, projector)

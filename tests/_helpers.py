@@ -55,7 +55,64 @@ class JobResult:
         self.cmd, self.returncode, self.output, self.seconds = cmd, returncode, output, seconds
 
     def tail(self, chars: int = 6000) -> str:
-        return f"$ {' '.join(self.cmd)}\n(exit {self.returncode} after {self.seconds:.1f} s)\n" + self.output[-chars:]
+        return (
+            f"$ {' '.join(self.cmd)}\n(exit {self.returncode} after {self.seconds:.1f} s)\n"
+            + self.output[-chars:]
+        )
+
+
+class RunningJob:
+    """A job started with ``start_job``; its output (stdout + stderr) goes to ``<output_dir>.log``."""
+
+    def __init__(self, cmd: list[str], proc: subprocess.Popen, log_path: Path) -> None:
+        self.cmd, self.proc, self.log_path, self.start = cmd, proc, log_path, time.perf_counter()
+
+    def wait(self, timeout: float) -> JobResult:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid)
+            self.proc.wait()
+            raise AssertionError(f"job timed out after {timeout} s:\n{self.result().tail()}") from None
+        return self.result()
+
+    def result(self) -> JobResult:
+        output = self.log_path.read_text(errors="replace")
+        return JobResult(self.cmd, self.proc.returncode, output, time.perf_counter() - self.start)
+
+
+def start_job(
+    script: str,
+    output_dir: Path,
+    overrides: Sequence[str] = (),
+    *,
+    nprocs: int = 2,
+    env: Mapping[str, str] | None = None,
+) -> RunningJob:
+    """Start ``script`` with the tiny recipe + ``overrides`` from the repo root (``nprocs`` CPU ranks, or a
+    plain process for 1)."""
+    cmd = job_command(script, recipe_args(output_dir, overrides), nprocs)
+    log_path = Path(f"{output_dir}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=job_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return RunningJob(cmd, proc, log_path)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a job started by ``start_job`` and every process under it (its own session)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def run_job(
@@ -68,18 +125,11 @@ def run_job(
     env: Mapping[str, str] | None = None,
     check: bool = True,
 ) -> JobResult:
-    """Run ``script`` with the tiny recipe + ``overrides`` from the repo root; output (stdout + stderr) is kept
-    in ``<output_dir>.log``. ``check``: fail the test (with the log tail) on a non-zero exit."""
-    log_path = Path(f"{output_dir}.log")
-    for attempt in range(2):  # the free port can be taken between our probe and the launcher's bind
-        cmd = job_command(script, recipe_args(output_dir, overrides), nprocs)
-        start = time.perf_counter()
-        with open(log_path, "w") as log:
-            proc = subprocess.run(
-                cmd, cwd=REPO, env=job_env(env), stdout=log, stderr=subprocess.STDOUT, timeout=timeout
-            )
-        result = JobResult(cmd, proc.returncode, log_path.read_text(errors="replace"), time.perf_counter() - start)
-        if not (proc.returncode and "EADDRINUSE" in result.output and attempt == 0):
+    """Run a job to the end (see ``start_job``). ``check``: fail the test, with the log tail, unless it
+    exits 0. A launch that lost its free port to another process (EADDRINUSE) is retried once."""
+    for attempt in range(2):
+        result = start_job(script, output_dir, overrides, nprocs=nprocs, env=env).wait(timeout)
+        if not (result.returncode and "EADDRINUSE" in result.output and attempt == 0):
             break
     if check and result.returncode != 0:
         raise AssertionError(f"job failed:\n{result.tail()}")
@@ -98,7 +148,11 @@ def student_state(output_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_states_close(
-    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, atol: float, rtol: float = 0.0
+    actual: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    atol: float,
+    rtol: float = 0.0,
 ) -> None:
     """Same keys and shapes, and every tensor close; the message names the worst tensor and where."""
     assert sorted(actual) == sorted(expected), f"keys differ: {sorted(set(actual) ^ set(expected))}"

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from flexkd_ds import config as C
+from flexkd_ds import ds_config as D
 from flexkd_ds.config import ConfigError, DistillConfig, load_config
 
 ROOT = Path(C.__file__).resolve().parent.parent
@@ -324,8 +325,8 @@ def test_shipped_recipes_load(recipe, tmp_path):
     cfg = load_config(recipe)
     assert load_config(C.dump_yaml(cfg, tmp_path)) == cfg
     for path in (cfg.deepspeed.teacher_config, cfg.deepspeed.student_config):
-        ds = C.fill_batch_sizes(C.load_ds_config(path), micro_batch_size=1, grad_accum=1, world_size=1)
-        C.resolve_precision(ds, "cuda", cfg.model.dtype)  # recipes target GPUs
+        ds = D.fill_batch_sizes(D.load_ds_config(path), micro_batch_size=1, grad_accum=1, world_size=1)
+        D.resolve_precision(ds, "cuda", cfg.model.dtype)  # recipes target GPUs
 
 
 # --------------------------------------------------------------------------------- DeepSpeed dicts
@@ -342,11 +343,11 @@ def test_all_ds_configs_are_covered():
 
 @pytest.mark.parametrize("path", DS_FILES, ids=[p.name for p in DS_FILES])
 def test_ds_config_is_accepted_by_deepspeed(path, DeepSpeedConfig):
-    ds = C.load_ds_config(path)
-    stage = C.zero_stage(ds)
+    ds = D.load_ds_config(path)
+    stage = D.zero_stage(ds)
     assert stage == int(path.stem.split("zero")[1][0])
     assert ds["bf16"] == {"enabled": "auto"} and ds["wall_clock_breakdown"] is False
-    assert not {"optimizer", "gradient_clipping", *C.BATCH_KEYS} & set(ds)
+    assert not {"optimizer", "gradient_clipping", *D.BATCH_KEYS} & set(ds)
     zero = ds["zero_optimization"]
     if path.stem.startswith("teacher"):
         assert stage == 3
@@ -355,9 +356,9 @@ def test_ds_config_is_accepted_by_deepspeed(path, DeepSpeedConfig):
     if "offload" in path.stem:
         offload = zero["offload_param" if path.stem.startswith("teacher") else "offload_optimizer"]
         assert offload == {"device": "cpu", "pin_memory": True}
-    filled = C.fill_batch_sizes(ds, micro_batch_size=2, grad_accum=3, world_size=1)
+    filled = D.fill_batch_sizes(ds, micro_batch_size=2, grad_accum=3, world_size=1)
     for device, bf16 in (("cpu", False), ("cuda", True)):
-        resolved = C.resolve_precision(filled, device)
+        resolved = D.resolve_precision(filled, device)
         assert resolved["bf16"]["enabled"] is bf16 and "fp16" not in resolved
         parsed = DeepSpeedConfig(resolved)  # no process group: DeepSpeed falls back to world size 1
         assert parsed.world_size == 1 and parsed.train_batch_size == 6
@@ -367,7 +368,7 @@ def test_ds_config_is_accepted_by_deepspeed(path, DeepSpeedConfig):
 
 def test_deepspeed_silently_drops_auto(DeepSpeedConfig):
     # Why resolve_precision exists: DeepSpeed reads "auto" as "use the default" (off), not as an error.
-    ds = C.fill_batch_sizes({"bf16": {"enabled": "auto"}}, micro_batch_size=1, grad_accum=1, world_size=1)
+    ds = D.fill_batch_sizes({"bf16": {"enabled": "auto"}}, micro_batch_size=1, grad_accum=1, world_size=1)
     assert DeepSpeedConfig(ds).bfloat16_config.enabled is False
 
 
@@ -391,7 +392,7 @@ def test_load_ds_config_refuses(tmp_path, content, expected):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(content))
     with pytest.raises(ConfigError) as info:
-        C.load_ds_config(path)
+        D.load_ds_config(path)
     assert expected in str(info.value) and str(path) in str(info.value)
 
 
@@ -399,50 +400,50 @@ def test_load_ds_config_parse_error_names_the_file(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"bf16": {"enabled": true},}')
     with pytest.raises(ConfigError, match="cannot parse .*broken.json"):
-        C.load_ds_config(path)
+        D.load_ds_config(path)
 
 
 def test_fill_batch_sizes():
     base = {"zero_optimization": {"stage": 2}}
-    filled = C.fill_batch_sizes(base, micro_batch_size=4, grad_accum=2, world_size=8, global_batch_size=64)
+    filled = D.fill_batch_sizes(base, micro_batch_size=4, grad_accum=2, world_size=8, global_batch_size=64)
     assert filled["train_batch_size"] == 64 and filled["train_micro_batch_size_per_gpu"] == 4
     assert filled["gradient_accumulation_steps"] == 2 and base == {"zero_optimization": {"stage": 2}}
     filled["zero_optimization"]["stage"] = 3
     assert base["zero_optimization"]["stage"] == 2  # a deep copy
     assert (
-        C.fill_batch_sizes(filled, micro_batch_size=4, grad_accum=2, world_size=8)["train_batch_size"] == 64
+        D.fill_batch_sizes(filled, micro_batch_size=4, grad_accum=2, world_size=8)["train_batch_size"] == 64
     )
     with pytest.raises(ValueError) as info:
-        C.fill_batch_sizes(base, micro_batch_size=4, grad_accum=2, world_size=3, global_batch_size=32)
+        D.fill_batch_sizes(base, micro_batch_size=4, grad_accum=2, world_size=3, global_batch_size=32)
     for number in ("global_batch_size=32", "micro_batch_size=4", "grad_accum=2", "world_size=3", "= 24"):
         assert number in str(info.value)
     with pytest.raises(ValueError, match="already holds other batch sizes"):
-        C.fill_batch_sizes(filled, micro_batch_size=1, grad_accum=2, world_size=8)
+        D.fill_batch_sizes(filled, micro_batch_size=1, grad_accum=2, world_size=8)
     with pytest.raises(ValueError, match="world_size must be a positive int"):
-        C.fill_batch_sizes(base, micro_batch_size=1, grad_accum=1, world_size=0)
+        D.fill_batch_sizes(base, micro_batch_size=1, grad_accum=1, world_size=0)
 
 
 def test_resolve_precision():
     auto = {"bf16": {"enabled": "auto"}}
-    assert C.resolve_precision(auto, "cpu") == {"bf16": {"enabled": False}}
-    assert C.resolve_precision(auto, "cuda") == {"bf16": {"enabled": True}}
-    assert C.resolve_precision(auto, "cpu", "bf16") == {"bf16": {"enabled": True}}
-    assert C.resolve_precision(auto, "cuda", "fp16") == {
+    assert D.resolve_precision(auto, "cpu") == {"bf16": {"enabled": False}}
+    assert D.resolve_precision(auto, "cuda") == {"bf16": {"enabled": True}}
+    assert D.resolve_precision(auto, "cpu", "bf16") == {"bf16": {"enabled": True}}
+    assert D.resolve_precision(auto, "cuda", "fp16") == {
         "bf16": {"enabled": False},
         "fp16": {"enabled": True},
     }
-    assert C.resolve_precision({}, "cuda") == {"bf16": {"enabled": True}}
-    assert C.resolve_precision({"bf16": {"enabled": True}}, "cpu") == {"bf16": {"enabled": True}}  # file wins
+    assert D.resolve_precision({}, "cuda") == {"bf16": {"enabled": True}}
+    assert D.resolve_precision({"bf16": {"enabled": True}}, "cpu") == {"bf16": {"enabled": True}}  # file wins
     assert auto == {"bf16": {"enabled": "auto"}}  # input untouched
     with pytest.raises(ValueError, match="model.dtype=fp32 contradicts bf16.enabled=True"):
-        C.resolve_precision({"bf16": {"enabled": True}}, "cuda", "fp32")
+        D.resolve_precision({"bf16": {"enabled": True}}, "cuda", "fp32")
     with pytest.raises(ValueError, match="fp16 is not supported on CPU"):
-        C.resolve_precision(auto, "cpu", "fp16")
+        D.resolve_precision(auto, "cpu", "fp16")
     with pytest.raises(ValueError, match="both true"):
-        C.resolve_precision({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "cuda")
+        D.resolve_precision({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "cuda")
     with pytest.raises(ValueError, match='true, false or "auto"'):
-        C.resolve_precision({"bf16": {"enabled": "yes"}}, "cuda")
+        D.resolve_precision({"bf16": {"enabled": "yes"}}, "cuda")
 
 
 def test_zero_stage():
-    assert C.zero_stage({}) == 0 and C.zero_stage({"zero_optimization": {"stage": 3}}) == 3
+    assert D.zero_stage({}) == 0 and D.zero_stage({"zero_optimization": {"stage": 3}}) == 3
