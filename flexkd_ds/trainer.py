@@ -121,10 +121,6 @@ def run_distill(cfg: DistillConfig) -> Path:
     env = init_distributed()
     setup_logging(env)
     out = Path(cfg.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.resolved.yaml")
-        logger.info("resolved config written to %s", out / "config.resolved.yaml")
     weights = ObjectiveWeights.from_config(cfg.loss)
     t = cfg.train
 
@@ -135,9 +131,15 @@ def run_distill(cfg: DistillConfig) -> Path:
     needs_teacher = weights.uses_feature or weights.uses_logit
     t_engine = teacher_engine(cfg, teacher, env, t.micro_batch_size) if needs_teacher else None
 
+    uses_units = weights.feature_loss == "flexkd" and weights.uses_feature
+    found = existing_importance(cfg, teacher, student.width) if uses_units else None  # refuses a foreign file
+    if env.is_main:  # inputs checked: only now write to output_dir (a refused launch leaves it as it was)
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.resolved.yaml")
+        logger.info("resolved config written to %s", out / "config.resolved.yaml")
+
     unit_indices, importance_hash = None, None
-    if weights.feature_loss == "flexkd" and weights.uses_feature:
-        found = existing_importance(cfg, teacher, student.width)
+    if uses_units:
         if found is None:
             accumulator = score_teacher(cfg, t_engine, dataset, env, pad_id)
             found = write_importance(cfg, teacher, accumulator, student.width, env)

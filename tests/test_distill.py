@@ -1,0 +1,592 @@
+"""End-to-end tests of the distill and score jobs (DESIGN.md "Engines", "Artifacts").
+
+Multi-rank tests are real ``deepspeed`` launches: 2 CPU ranks over gloo, the teacher a ZeRO-3 inference engine,
+the student at ZeRO-2 or ZeRO-3, the tiny recipe with small overrides. Their results are compared with
+independent single-process computations written here in plain torch / transformers (the same tiny models, the
+same examples), not with the code under test run a second way.
+
+Every test that starts a 2-rank launch is ``slow`` except ``test_distill_two_ranks_zero2_end_to_end``, the
+default-suite smoke; the default part of this file (that smoke and the bad-input tests) takes about a minute on
+2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import (
+    DISTILL,
+    RECIPE,
+    REPO,
+    SCORE,
+    assert_states_close,
+    finite,
+    job_command,
+    job_env,
+    kill_tree,
+    read_metrics,
+    run_job,
+    start_job,
+    student_state,
+)
+
+from flexkd_ds import data, importance
+from flexkd_ds.config import load_config
+from flexkd_ds.engine import DistEnv
+from flexkd_ds.job import model_specs, train_dataset
+
+METRIC_KEYS = ("step", "lr", "loss", "lm", "logit", "feature", "tokens_per_s", "teacher_ms", "student_ms")
+IMPORTANCE_METADATA = ("teacher", "layer", "functional", "num_examples", "num_tokens", "d_T", "d_S", "tail_mass",
+                       "dataset", "seed", "created_by")  # fmt: skip
+D_T, D_S, VOCAB = 64, 32, 259  # the tiny recipe's teacher / student widths and byte vocabulary
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+JOB_TIMEOUT = 300
+
+
+# ------------------------------------------------------------------------------------- independent helpers
+
+
+def recipe_config(output_dir, overrides=()):
+    return load_config(RECIPE, [f"output_dir={output_dir}", *overrides])
+
+
+def tiny_dataset(cfg):
+    """The job's training examples (the data pipeline is tested in test_data.py; here we need the same rows)."""
+    _, _, tokenizer = model_specs(cfg)
+    return train_dataset(cfg, tokenizer, CPU)
+
+
+def rank_streams(num_examples: int, seed: int, world_size: int) -> list[list[int]]:
+    """Epoch 0 of each rank's example stream, written out from the sampler's documented rule: a
+    ``random.Random(seed)`` shuffle, rank r taking positions r, r + world, ..."""
+    order = list(range(num_examples))
+    random.Random(seed).shuffle(order)
+    return [order[r::world_size] for r in range(world_size)]
+
+
+def step_examples(cfg, world_size: int, step: int) -> list[list[list[int]]]:
+    """[rank][micro-batch] -> example indices of optimizer step ``step`` (0-based): every micro-batch draws
+    ``micro_batch_size`` indices from the rank's stream."""
+    t = cfg.train
+    per_step = t.micro_batch_size * t.grad_accum
+    streams = rank_streams(cfg.data.num_synthetic, cfg.seed, world_size)
+    assert (step + 1) * per_step <= len(streams[0]), "the helper covers epoch 0 only"
+    return [
+        [stream[step * per_step + k * t.micro_batch_size : step * per_step + (k + 1) * t.micro_batch_size]
+         for k in range(t.grad_accum)]
+        for stream in streams
+    ]  # fmt: skip
+
+
+def top_k_lower_index(scores: torch.Tensor, k: int) -> list[int]:
+    """Top-k units by score, ties broken by the lower index, in rank order (DESIGN.md "Selection")."""
+    return sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))[:k]
+
+
+def read_importance(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata())
+
+
+def fresh_student_state(cfg) -> dict[str, torch.Tensor]:
+    _, student, _ = model_specs(cfg)
+    return {k: v.detach().clone() for k, v in student.load(torch.float32).state_dict().items()}
+
+
+# ------------------------------------------------------------------------------ distill: artifacts + smoke
+
+SMOKE_STEPS, SMOKE_LR = 8, 1e-3
+SMOKE = [
+    f"train.max_steps={SMOKE_STEPS}",
+    f"train.lr={SMOKE_LR}",
+    "importance.num_examples=8",
+    "train.save_every=4",
+]
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory) -> Path:
+    """2 ranks, teacher ZeRO-3 + student ZeRO-2 (the recipe's configs), 8 steps."""
+    out = tmp_path_factory.mktemp("zero2") / "run"
+    run_job(DISTILL, out, SMOKE, nprocs=2, timeout=JOB_TIMEOUT)
+    return out
+
+
+def check_distill_run(out: Path, overrides: list[str], world_size: int) -> None:
+    """The DESIGN.md artifact contract of a finished distill run, each part checked independently."""
+    cfg = recipe_config(out, overrides)
+    t = cfg.train
+
+    # config.resolved.yaml: reads back to the config the run was given.
+    assert load_config(out / "config.resolved.yaml").to_dict() == cfg.to_dict()
+
+    # metrics.jsonl: one line per step with the documented keys, finite values, a falling loss.
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, t.max_steps + 1))
+    for m in metrics:
+        assert set(METRIC_KEYS) <= set(m), f"missing keys {set(METRIC_KEYS) - set(m)}"
+        assert all(finite(m[k]) for k in METRIC_KEYS), m
+        assert m["tokens_per_s"] > 0 and m["teacher_ms"] > 0 and m["student_ms"] > 0
+        assert 0 <= m["lr"] <= t.lr * (1 + 1e-9)
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, f"loss does not fall: {losses}"
+    assert metrics[-1]["feature"] < metrics[0]["feature"], [m["feature"] for m in metrics]
+    # The normaliser: valid (label) tokens of the global batch, all ranks and micro-batches, from the
+    # sampler's rule written out here.
+    dataset = tiny_dataset(cfg)
+    for step, m in enumerate(metrics):
+        examples = [i for rank in step_examples(cfg, world_size, step) for micro in rank for i in micro]
+        expected = sum(sum(label != -100 for label in dataset[i]["labels"]) for i in examples)
+        assert m["tokens"] == expected, f"step {step + 1}: {m['tokens']} tokens, expected {expected}"
+
+    # importance.safetensors: the contract's tensors and metadata; the selection is the top-d_S of the scores.
+    tensors, meta = read_importance(out / "importance.safetensors")
+    assert set(tensors) == {"scores", "indices"}
+    scores, indices = tensors["scores"], tensors["indices"]
+    assert (scores.dtype, tuple(scores.shape), indices.dtype, tuple(indices.shape)) == (
+        torch.float32, (D_T,), torch.int64, (D_S,))  # fmt: skip
+    assert indices.tolist() == top_k_lower_index(scores, D_S)
+    assert set(IMPORTANCE_METADATA) <= set(meta), f"missing metadata {set(IMPORTANCE_METADATA) - set(meta)}"
+    assert all(isinstance(v, str) for v in meta.values())
+    teacher, _, _ = model_specs(cfg)
+    assert meta["teacher"] == teacher.name and meta["layer"] == "last_hidden_state"
+    assert (meta["d_T"], meta["d_S"], meta["num_examples"]) == (
+        str(D_T),
+        str(D_S),
+        str(cfg.importance.num_examples),
+    )
+    assert (meta["functional"], meta["dataset"], meta["seed"]) == (
+        "sum_logprobs",
+        "builtin:synthetic",
+        str(cfg.seed),
+    )
+    tail = float(
+        scores.double()[[i for i in range(D_T) if i not in set(indices.tolist())]].sum()
+        / scores.double().sum()
+    )
+    assert float(meta["tail_mass"]) == pytest.approx(tail, abs=2e-6)
+    assert meta["created_by"].startswith("flexkd_ds")
+
+    # checkpoints/latest names the final, complete checkpoint.
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert tag == f"step{t.max_steps:08d}" and (out / "checkpoints" / tag).is_dir()
+
+    # student/: Hugging Face format + tokenizer; loads and generates.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "student").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "student")
+    assert model.config.hidden_size == D_S and len(tokenizer) == VOCAB
+    prompt = tokenizer("Below is an instruction", return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(
+            **prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    assert generated.shape[1] > prompt["input_ids"].shape[1] and int(generated.max()) < VOCAB
+
+    # The export is this run's student trained from its seeded init: every tensor moved, and by no more
+    # than Adam can move it in these steps (|update| <= about 3.2 lr per step); a different init (another seed,
+    # or an init that depends on the ZeRO stage) is ~0.1 away.
+    exported, init = student_state(out), fresh_student_state(cfg)
+    assert sorted(exported) == sorted(init)
+    moved = {k: (exported[k] - init[k]).abs().max().item() for k in init}
+    assert min(moved.values()) > 0, f"tensors not trained: {[k for k, v in moved.items() if v == 0]}"
+    assert max(moved.values()) < 3.2 * t.max_steps * t.lr, (
+        f"not the trained seeded init: {max(moved.values())}"
+    )
+
+
+def test_distill_two_ranks_zero2_end_to_end(zero2_run):
+    check_distill_run(zero2_run, SMOKE, world_size=2)
+    assert (
+        zero2_run / "checkpoints" / "step00000004" / "flexkd_rank1.pt"
+    ).is_file()  # save_every=4, both ranks
+
+
+@pytest.mark.slow
+def test_distill_two_ranks_student_zero3_matches_zero2(tmp_path, zero2_run):
+    """Student ZeRO-3 (partitioned parameters, gathered export): same artifacts, and the same training as
+    ZeRO-2 up to float32 reduction order (same seed, data, teacher)."""
+    out = tmp_path / "run"
+    overrides = [*SMOKE, "deepspeed.student_config=ds_configs/student_zero3.json"]
+    run_job(DISTILL, out, overrides, nprocs=2, timeout=JOB_TIMEOUT)
+    check_distill_run(out, overrides, world_size=2)
+    zero3_losses = [m["loss"] for m in read_metrics(out)]
+    zero2_losses = [m["loss"] for m in read_metrics(zero2_run)]
+    assert zero3_losses == pytest.approx(zero2_losses, rel=1e-5)
+    assert_states_close(student_state(out), student_state(zero2_run), atol=1e-5)
+
+
+# -------------------------------------------------------------------------------- importance over 2 ranks
+
+
+@pytest.mark.slow
+def test_score_two_ranks_equals_single_process_autograd(tmp_path):
+    """launch/score.py on 2 ranks (11 examples: uneven shards, padded last batches) == per-example autograd
+    through the teacher's head in one process, averaged over the same seeded subset."""
+    out, num_examples = tmp_path / "score", 11
+    overrides = [f"importance.num_examples={num_examples}", "importance.batch_size=4"]
+    run_job(SCORE, out, overrides, nprocs=2, timeout=JOB_TIMEOUT)
+    tensors, meta = read_importance(out / "importance.safetensors")
+
+    cfg = recipe_config(out, overrides)
+    teacher_spec, _, _ = model_specs(cfg)
+    teacher = teacher_spec.load(torch.float32).eval()
+    dataset = tiny_dataset(cfg)
+    subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[:num_examples]
+    head = teacher.get_output_embeddings().weight.detach().double()  # (V, d_T), no bias in LLaMA
+    per_example, num_tokens = [], 0
+    for i in subset.tolist():
+        input_ids = torch.tensor([dataset[i]["input_ids"]])  # one example, no padding: every token counts
+        with torch.no_grad():
+            out_t = teacher(input_ids=input_ids, output_hidden_states=True)
+            hidden = teacher.model(input_ids=input_ids).last_hidden_state[0]  # (T, d_T) the head's input
+        torch.testing.assert_close(hidden @ head.float().T, out_t.logits[0], rtol=1e-5, atol=1e-5)
+        h = hidden.double().requires_grad_(True)
+        functional = torch.log_softmax(h @ head.T, dim=-1).sum()  # F = sum_t sum_v log p_t,v
+        (grad,) = torch.autograd.grad(functional, h)  # (T, d_T)
+        per_example.append(grad.abs().mean(dim=0))
+        num_tokens += input_ids.shape[1]
+    expected = torch.stack(per_example).mean(dim=0)
+
+    torch.testing.assert_close(tensors["scores"].double(), expected, rtol=1e-4, atol=1e-7)
+    assert tensors["indices"].tolist() == top_k_lower_index(expected, D_S)
+    assert (meta["num_examples"], meta["num_tokens"]) == (str(num_examples), str(num_tokens))
+
+
+# ---------------------------------------------------------------------------------- global correlation scope
+
+CORRELATION_WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+
+from flexkd_ds import ops
+from flexkd_ds.engine import all_reduce_sum, init_distributed
+
+env = init_distributed()
+inputs = torch.load(sys.argv[1])
+rows = inputs["splits"][env.rank]  # this rank's examples (batch rows)
+student = inputs["student"][rows].clone().requires_grad_(True)
+loss = ops.correlation_loss(
+    inputs["teacher"][rows], student, inputs["units"], inputs["mask"][rows], all_reduce=all_reduce_sum, impl="torch"
+)
+loss.backward()
+torch.save({"loss": loss.detach(), "grad": student.grad}, Path(sys.argv[2]) / f"rank{env.rank}.pt")
+"""
+
+
+def reference_correlation_loss(teacher, student, units, mask):
+    """Flex-KD loss written out in float64 (DESIGN.md step 3): valid rows, centred columns, cosine."""
+    t = teacher.double()[mask][:, units]  # (N, d_S) the selected teacher columns
+    s = student.double()[mask]  # (N, d_S)
+    t, s = t - t.mean(0), s - s.mean(0)
+    corr = (t * s).sum(0) / (t.norm(dim=0) * s.norm(dim=0))
+    return ((1 - corr) ** 2).sum()
+
+
+@pytest.mark.slow
+def test_global_correlation_two_ranks_equals_single_process(tmp_path):
+    """correlation_scope=global: on 2 ranks (uneven rows, masked tokens, a massive-activation column with
+    |mean| 300) every rank gets the loss of the concatenated batch, and the ranks' gradient slices put
+    together are the full single-process gradient."""
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, units = 5, 7, torch.tensor([5, 0, 9, 3])
+    teacher = torch.randn(batch, seq, 12, generator=gen)
+    teacher[..., 9] = 300 + 0.5 * teacher[..., 9]  # large mean, small spread: needs a careful merge
+    student = torch.randn(batch, seq, 4, generator=gen) + 0.3 * teacher[..., units]
+    student[..., 1] += 40.0
+    mask = torch.rand(batch, seq, generator=gen) > 0.25
+    mask[4, :] = False  # an example without valid rows (on rank 1)
+    splits = [[0, 1, 2], [3, 4]]
+    torch.save({"teacher": teacher, "student": student, "units": units, "mask": mask, "splits": splits},
+               tmp_path / "inputs.pt")  # fmt: skip
+    worker = tmp_path / "worker.py"
+    worker.write_text(CORRELATION_WORKER)
+    results = tmp_path / "results"
+    results.mkdir()
+    import subprocess
+
+    cmd = job_command(str(worker), [str(tmp_path / "inputs.pt"), str(results)], nprocs=2)
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    student_leaf = student.double().requires_grad_(True)
+    expected = reference_correlation_loss(teacher, student_leaf, units, mask)
+    (expected_grad,) = torch.autograd.grad(expected, student_leaf)
+    ranks = [torch.load(results / f"rank{r}.pt") for r in range(2)]
+    for r, got in enumerate(ranks):
+        assert float(got["loss"]) == pytest.approx(float(expected), rel=1e-5), f"rank {r}"
+    grad = torch.cat([got["grad"] for got in ranks]).double()  # rank slices in batch order
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * float(expected_grad.abs().max()))
+    # A control: the local (per-rank) loss is a different number here, so the check above has teeth.
+    local = reference_correlation_loss(teacher[:3], student[:3], units, mask[:3])
+    assert abs(float(local) - float(expected)) > 1e-2
+
+
+GLOBAL_VS_BIG_BATCH = ["train.max_steps=2", "train.lr_schedule=constant", "train.warmup_steps=0", "train.grad_clip=0",
+                       "loss.alpha=1.0", "importance.num_examples=8"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_distill_global_scope_two_ranks_equals_one_rank_big_batch(tmp_path):
+    """2 ranks x micro 2 with correlation_scope=global sees the same 4 examples per step as 1 process x
+    micro 4 (rank r takes stream positions r, r + 2, ...); every term is then a function of the whole global
+    batch, so both runs must make the same updates. (With the default local scope they differ: the
+    correlation is taken per rank.)"""
+    one, two = tmp_path / "one_rank", tmp_path / "two_ranks"
+    run_job(DISTILL, one, [*GLOBAL_VS_BIG_BATCH, "train.micro_batch_size=4", "train.grad_accum=1"], nprocs=1,
+            timeout=JOB_TIMEOUT)  # fmt: skip
+    two.mkdir()
+    (two / "importance.safetensors").write_bytes((one / "importance.safetensors").read_bytes())  # same units
+    run_job(DISTILL, two, [*GLOBAL_VS_BIG_BATCH, "train.micro_batch_size=2", "train.grad_accum=1",
+                           "loss.correlation_scope=global"], nprocs=2, timeout=JOB_TIMEOUT)  # fmt: skip
+    for a, b in zip(read_metrics(one), read_metrics(two), strict=True):
+        assert a["tokens"] == b["tokens"]
+        for key in ("loss", "lm", "logit", "feature"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    assert_states_close(student_state(two), student_state(one), atol=1e-5)
+
+
+# -------------------------------------------------------------------------------- accumulation invariance
+
+ACCUMULATION = ["train.max_steps=2", "train.lr_schedule=constant", "train.warmup_steps=0", "train.grad_clip=0",
+                "importance.num_examples=8"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_accumulation_invariance_token_terms(tmp_path):
+    """micro 2 x accumulation 2 makes the same updates as micro 4 x accumulation 1 for token-decomposable
+    terms (LM + logit KD + the projector baseline): each is a sum over valid tokens divided by the token count
+    of the whole step. The sampler draws micro_batch_size indices per micro-batch from one stream, so both
+    see the same 4 examples per step.
+
+    flexkd and cka are batch statistics (a correlation over the rows of one micro-batch is not a sum over
+    tokens), so by design (objective.py) they are averaged over micro-batches and are NOT invariant to the
+    split; ``test_one_step_matches_reference_update`` checks what accumulation gives for them instead."""
+    split, whole = tmp_path / "micro2_accum2", tmp_path / "micro4_accum1"
+    common = [*ACCUMULATION, "loss.feature_loss=projector", "loss.alpha=0.5"]
+    run_job(
+        DISTILL,
+        split,
+        [*common, "train.micro_batch_size=2", "train.grad_accum=2"],
+        nprocs=1,
+        timeout=JOB_TIMEOUT,
+    )
+    run_job(
+        DISTILL,
+        whole,
+        [*common, "train.micro_batch_size=4", "train.grad_accum=1"],
+        nprocs=1,
+        timeout=JOB_TIMEOUT,
+    )
+    for a, b in zip(read_metrics(split), read_metrics(whole), strict=True):
+        for key in ("loss", "lm", "logit", "feature"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    assert_states_close(student_state(split), student_state(whole), atol=1e-5)
+    from safetensors.torch import load_file
+
+    assert_states_close(
+        load_file(split / "projector.safetensors"), load_file(whole / "projector.safetensors"), atol=1e-5
+    )
+
+
+ONE_STEP_LR, ONE_STEP_EPS = 1e-2, 1e-3
+ONE_STEP = ["train.max_steps=1", "train.micro_batch_size=2", "train.grad_accum=2", "train.lr_schedule=constant",
+            "train.warmup_steps=0", "train.grad_clip=0", f"train.lr={ONE_STEP_LR}", f"train.adam_eps={ONE_STEP_EPS}",
+            "importance.num_examples=8", "loss.alpha=0.5"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_one_step_matches_reference_update(tmp_path):
+    """One optimizer step (micro 2 x accumulation 2, flexkd + rkl + LM) == the step computed here from the
+    objective written out: token terms summed over the step's valid tokens / their count, the correlation
+    averaged over the two micro-batches, one AdamW step from the seeded init. (adam_eps is raised so Adam's
+    first step, g / (|g| + eps), follows the gradient smoothly instead of its sign, which float32 noise
+    could flip where g ~ 0.)"""
+    out = tmp_path / "run"
+    run_job(DISTILL, out, ONE_STEP, nprocs=1, timeout=JOB_TIMEOUT)
+    cfg = recipe_config(out, ONE_STEP)
+    teacher_spec, student_spec, tokenizer = model_specs(cfg)
+    teacher = teacher_spec.load(torch.float32).double().eval()
+    student = student_spec.load(torch.float32).double().train()
+    init = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    tensors, _ = read_importance(out / "importance.safetensors")
+    units = tensors["indices"]
+    dataset = tiny_dataset(cfg)
+    pad_id = tokenizer.pad_token_id
+
+    micro_batches = [
+        data.collate([dataset[i] for i in micro], pad_id) for micro in step_examples(cfg, 1, 0)[0]
+    ]
+    num_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
+    w = cfg.loss
+    objective = 0.0
+    for b in micro_batches:
+        with torch.no_grad():
+            t_out = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            t_hidden = teacher.model(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+            ).last_hidden_state
+        s_hidden = student.model(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+        ).last_hidden_state
+        s_logits = student.lm_head(s_hidden)
+        valid = b["loss_mask"]
+        log_q = torch.log_softmax(s_logits[valid], -1)  # student (N, V)
+        log_p = torch.log_softmax(t_out.logits[valid], -1)  # teacher
+        rkl_sum = (log_q.exp() * (log_q - log_p)).sum()  # KL(q || p) summed over tokens
+        lm_sum = -log_q.gather(1, b["labels"][valid][:, None]).sum()
+        corr = reference_correlation_loss(t_hidden, s_hidden, units, b["attention_mask"].bool())
+        objective = objective + (w.lm_weight * lm_sum + w.beta * rkl_sum) / num_tokens + w.alpha * corr / 2
+    objective.backward()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=ONE_STEP_LR, eps=ONE_STEP_EPS, weight_decay=0.0)
+    optimizer.step()
+    expected = {k: v.detach().float() for k, v in student.state_dict().items()}
+
+    exported = student_state(out)
+    assert_states_close(exported, expected, atol=2e-6)
+    # Not trivially so: the step moved the weights by far more than the tolerance.
+    assert max((exported[k].double() - init[k]).abs().max().item() for k in init) > 100 * 2e-6
+    assert read_metrics(out)[0]["tokens"] == num_tokens
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+RESUME = ["train.max_steps=10", "train.lr_schedule=constant", "train.warmup_steps=4", "train.save_every=0",
+          "importance.num_examples=8"]  # fmt: skip
+# Constant after warm-up: a cosine schedule depends on max_steps, so "4 steps, then extend to 10" would be
+# another schedule than "10 steps". Resuming at step 4 or earlier still needs the restored LR-scheduler state.
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run_job(DISTILL, out, RESUME, nprocs=2, timeout=JOB_TIMEOUT)
+    return out
+
+
+def check_same_as_straight(out: Path, straight: Path) -> None:
+    metrics, reference = read_metrics(out), read_metrics(straight)
+    assert [m["step"] for m in metrics] == list(range(1, 11)), "each step logged once, across the restart"
+    for a, b in zip(metrics, reference, strict=True):
+        assert a["tokens"] == b["tokens"], f"step {a['step']}: other examples than the straight run"
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), f"step {a['step']}"
+    assert_states_close(student_state(out), student_state(straight), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_after_max_steps_matches_straight_run(tmp_path, straight_run):
+    """4 steps, then the same output_dir with max_steps=10 (resume=auto) == 10 steps straight."""
+    out = tmp_path / "run"
+    run_job(DISTILL, out, [*RESUME, "train.max_steps=4"], nprocs=2, timeout=JOB_TIMEOUT)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
+    resumed = run_job(DISTILL, out, RESUME, nprocs=2, timeout=JOB_TIMEOUT)
+    assert "reusing importance file" in resumed.output and "resumed from" in resumed.output
+    check_same_as_straight(out, straight_run)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, straight_run):
+    """SIGTERM to ONE rank mid-run (as a preempting scheduler's signal may reach ranks at different times):
+    the ranks agree at the next step boundary, checkpoint, and the whole job exits 0; resume=auto then
+    continues to the end with the same examples and the same final weights as a straight run."""
+    import psutil
+
+    out = tmp_path / "run"
+    job = start_job(DISTILL, out, RESUME, nprocs=2)
+    try:
+        deadline, rank1 = time.monotonic() + JOB_TIMEOUT, None
+        while time.monotonic() < deadline and job.proc.poll() is None:
+            steps = len(read_metrics(out)) if (out / "metrics.jsonl").is_file() else 0
+            if steps >= 2:
+                for proc in psutil.Process(job.proc.pid).children(recursive=True):
+                    cmdline = proc.cmdline()
+                    if DISTILL in cmdline and "--local_rank=1" in cmdline:
+                        rank1 = proc
+                if rank1 is not None:
+                    rank1.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        result = job.wait(JOB_TIMEOUT)
+    finally:
+        kill_tree(job.proc.pid)
+    assert rank1 is not None, f"the run never reached step 2:\n{result.tail()}"
+    assert result.returncode == 0, result.tail()
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    stopped = int(tag.removeprefix("step"))
+    assert 2 <= stopped < 10, (
+        f"checkpoint {tag}: the run ended before the signal was handled\n{result.tail()}"
+    )
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped + 1))
+
+    resumed = run_job(DISTILL, out, RESUME, nprocs=2, timeout=JOB_TIMEOUT)
+    assert f"at step {stopped}" in resumed.output
+    check_same_as_straight(out, straight_run)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+FOREIGN_TEACHER = (
+    "random:family=llama,hidden_size=64,num_heads=4,num_key_value_heads=2,num_layers=4,vocab_size=259"
+)
+
+
+def test_bad_inputs_fail_clearly_and_keep_existing_files(tmp_path):
+    """Single-process runs on bad inputs (started together to save time) exit non-zero with a message that
+    names the problem, and leave what the output dir already held byte for byte as it was."""
+    bad_rows = tmp_path / "rows.jsonl"
+    bad_rows.write_text("\n".join(json.dumps(r) for r in [
+        {"instruction": "Say hi.", "output": "hi"},
+        {"instruction": "Say bye."},  # row 2: no output
+        {"instruction": "Count.", "output": "1 2 3"},
+    ]) + "\n")  # fmt: skip
+    missing = tmp_path / "nowhere" / "train.jsonl"
+    cases = {  # name -> (overrides, strings the output must contain)
+        "student_as_wide": (["model.student_arch.hidden_size=64"], ["d_S=64", "d_T=64"]),
+        "student_wider": (["model.student_arch.hidden_size=128"], ["d_S=128", "d_T=64"]),
+        "foreign_importance": ([], ["importance.safetensors", "teacher", "num_layers=4", "importance.recompute"]),
+        "missing_data": ([f"data.train={missing}"], [str(missing)]),
+        "row_without_output": ([f"data.train={bad_rows}"], [str(bad_rows), "row 2", "'output'"]),
+        "vocab_mismatch": (["model.student_arch.vocab_size=300"], ["vocab sizes differ", "teacher 259", "student 300"]),
+    }  # fmt: skip
+    jobs, before = {}, {}
+    for name, (overrides, _) in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a previous run's files
+        (out / "config.resolved.yaml").write_text("# the previous run's config\n")
+        if name == "foreign_importance":
+            importance.save_importance(
+                out / "importance.safetensors",
+                torch.linspace(1.0, 2.0, D_T),
+                torch.arange(D_T - 1, D_T - 1 - D_S, -1),
+                {"teacher": FOREIGN_TEACHER, "layer": "last_hidden_state", "functional": "sum_logprobs",
+                 "num_examples": 8, "num_tokens": 100, "tail_mass": 0.4, "dataset": "builtin:synthetic", "seed": 1},
+            )  # fmt: skip
+        before[name] = {p.name: p.read_bytes() for p in out.iterdir()}
+        jobs[name] = start_job(
+            DISTILL, out, ["train.max_steps=1", "importance.num_examples=4", *overrides], nprocs=1
+        )
+    failures = []
+    for name, job in jobs.items():
+        result = job.wait(JOB_TIMEOUT)
+        out, (_, needles) = tmp_path / name, cases[name]
+        problems = [f"exit {result.returncode}"] if result.returncode == 0 else []
+        problems += [f"no {needle!r} in the output" for needle in needles if needle not in result.output]
+        problems += [
+            f"{f} changed" for f, content in before[name].items() if (out / f).read_bytes() != content
+        ]
+        problems += ["training started"] if (out / "checkpoints").exists() else []
+        if problems:
+            failures.append(f"{name}: {'; '.join(problems)}\n{result.tail(2500)}")
+    assert not failures, "\n\n".join(failures)
