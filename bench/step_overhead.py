@@ -15,8 +15,8 @@ teacher units (the one-off importance scoring is not part of the step).
 Columns: median / p10 / p90 step ms; ratio = median / median of logit-only; paired = median over repetitions
 of (step / logit-only step of the same repetition); term = the feature term alone (forward + backward of its
 loss on that step's hidden states; projector: Linear included, its AdamW update not); share = term / step.
-Goal (the issue): Flex-KD adds <= 3% to the logit-KD step. It is judged on the term alone, which load noise
-hardly touches; the paired whole-step figure is printed beside it with its p10..p90 spread.
+Goal (the issue): Flex-KD adds <= 3% to the logit-KD step. It is judged on the paired whole step when its
+p10..p90 spread is narrower than 3%, else (a loaded machine) on the term alone.
 """
 
 from __future__ import annotations
@@ -230,9 +230,11 @@ def main(argv=None) -> None:
     term_over = statistics.median(term_ms["flexkd + rkl"]) / base_median
     print(f"\nFlex-KD over logit-only KD: feature term alone {term_over:+.1%} of the logit-only step; whole step "
           f"(paired) {statistics.median(extra):+.1%}, p10..p90 {pct(extra, 0):+.1%}..{pct(extra, -1):+.1%}")  # fmt: skip
-    noisy = pct(extra, -1) - pct(extra, 0) > GOAL
-    print(f"goal <= {GOAL:.0%} (judged on the term alone): {'met' if term_over <= GOAL else 'NOT met'}"
-          + ("; the step-level p10..p90 is wider than the goal (load noise), so it cannot resolve it" if noisy else ""))  # fmt: skip
+    if pct(extra, -1) - pct(extra, 0) > GOAL:  # the whole step cannot resolve 3%: judge on the term alone
+        basis, over = "the term alone; the step-level p10..p90 is wider than the goal (load noise)", term_over
+    else:
+        basis, over = "the paired whole step", statistics.median(extra)
+    print(f"goal <= {GOAL:.0%}: {'met' if over <= GOAL else 'NOT met'} (judged on {basis})")
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
         global_batch_size=t.global_batch_size,
         dtype=cfg.model.dtype,
     )
-    if t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
+    # Always set: without the key DeepSpeed (0.19) clips at its default 1.0, so grad_clip=0 would not be "off".
+    ds["gradient_clipping"] = t.grad_clip
     if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
         ds["optimizer"] = offload_optimizer_section(t.lr, t.betas, t.adam_eps, t.weight_decay)
     if cfg.deepspeed.tensorboard:
@@ -153,7 +153,11 @@ def run_distill(cfg: DistillConfig) -> Path:
     s_ds = student_ds_dict(cfg, env, out)
     with sharded_init(s_ds, enabled=student.source is not None):  # random init: built whole, same weights
         s_model = student.load(engine_dtype(s_ds))
-        projector = Projector(student.width, teacher.width) if weights.feature_loss == "projector" else None
+        projector = None
+        if weights.feature_loss == "projector":
+            with torch.random.fork_rng(devices=[]):  # seeded like the random models (the global RNG is not)
+                torch.manual_seed(cfg.seed + 2)
+                projector = Projector(student.width, teacher.width)
     module = DistillStudent(s_model, projector)
     module.train()
 
@@ -179,6 +183,8 @@ def run_distill(cfg: DistillConfig) -> Path:
     step = start_step
     try:
         while step < t.max_steps:
+            # Where a preemption checkpoint must put the sampler: before this step's (then untrained) examples.
+            sampler_before = sampler.state_dict()
             micro_batches = [
                 {
                     k: v.to(env.device)
@@ -194,6 +200,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             )
             if agreed[1] > 0:
                 logger.info("preemption signal: checkpointing at step %d and exiting", step)
+                sampler.load_state_dict(sampler_before)
                 checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
                 return out / "student"
             last = train_step(
