@@ -64,8 +64,9 @@ class JobResult:
 class RunningJob:
     """A job started with ``start_job``; its output (stdout + stderr) goes to ``<output_dir>.log``."""
 
-    def __init__(self, cmd: list[str], proc: subprocess.Popen, log_path: Path) -> None:
-        self.cmd, self.proc, self.log_path, self.start = cmd, proc, log_path, time.perf_counter()
+    def __init__(self, cmd: list[str], proc: subprocess.Popen, log_path: Path, offset: int) -> None:
+        self.cmd, self.proc, self.log_path, self.offset = cmd, proc, log_path, offset
+        self.start = time.perf_counter()
 
     def wait(self, timeout: float) -> JobResult:
         try:
@@ -77,7 +78,9 @@ class RunningJob:
         return self.result()
 
     def result(self) -> JobResult:
-        output = self.log_path.read_text(errors="replace")
+        with open(self.log_path, "rb") as log:
+            log.seek(self.offset)
+            output = log.read().decode(errors="replace")
         return JobResult(self.cmd, self.proc.returncode, output, time.perf_counter() - self.start)
 
 
@@ -90,14 +93,15 @@ def start_job(
     env: Mapping[str, str] | None = None,
 ) -> RunningJob:
     """Start ``script`` with the tiny recipe + ``overrides`` from the repo root (``nprocs`` CPU ranks, or a
-    plain process for 1)."""
+    plain process for 1). Output is appended to ``<output_dir>.log`` (a resumed run follows the first)."""
     cmd = job_command(script, recipe_args(output_dir, overrides), nprocs)
     log_path = Path(f"{output_dir}.log")
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
+        offset = log.tell()  # this run's output starts here (the command line is NOT in it: tests grep it)
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=job_env(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return RunningJob(cmd, proc, log_path)
+    return RunningJob(cmd, proc, log_path, offset)
 
 
 def kill_tree(pid: int) -> None:
