@@ -154,28 +154,21 @@ def _batch_feature_term(
 ) -> tuple[Tensor, float]:
     """(value, weight): the step objective holds ``weight * value`` summed over micro-batches and ranks."""
     if weights.feature_loss == "flexkd":
-        if weights.correlation_scope == "global":
-            value = ops.correlation_loss(
-                teacher_hidden,
-                student_hidden,
-                unit_indices,
-                feature_mask,
-                eps=weights.correlation_eps,
-                all_reduce=all_reduce,
-                impl=weights.impl,
-            )
-            # Same value on every rank and each rank back-propagates its own rows' share. DeepSpeed averages
-            # over ranks and ``scale`` has undone that, so the update is the SUM of the shares: the full
-            # gradient of the global-batch loss. Averaged over micro-batches only.
-            return value, 1.0 / grad_accum
+        is_global = weights.correlation_scope == "global"
         value = ops.correlation_loss(
             teacher_hidden,
             student_hidden,
             unit_indices,
             feature_mask,
             eps=weights.correlation_eps,
+            all_reduce=all_reduce if is_global else None,
             impl=weights.impl,
         )
+        if is_global:
+            # Same value on every rank and each rank back-propagates its own rows' share. DeepSpeed averages
+            # over ranks and ``scale`` has undone that, so the update is the SUM of the shares: the full
+            # gradient of the global-batch loss. Averaged over micro-batches only.
+            return value, 1.0 / grad_accum
         return value, 1.0 / (grad_accum * world_size)  # mean over micro-batches and ranks
     if weights.feature_loss == "cka":
         return losses.cka_loss(teacher_hidden, student_hidden, feature_mask), 1.0 / (grad_accum * world_size)
