@@ -67,7 +67,8 @@ def model_specs(cfg: DistillConfig) -> tuple[ModelSpec, ModelSpec, object]:
 
     if m.student is not None:
         s_source = models.resolve_model_source(m.student, m.student_gguf_file)
-        student = ModelSpec(s_source.display_name, models.load_config(s_source), s_source, cfg.seed)
+        s_name = m.student if m.student_gguf_file is None else f"{m.student}/{m.student_gguf_file}"
+        student = ModelSpec(s_name, models.load_config(s_source), s_source, cfg.seed)
     else:
         arch = dict(m.student_arch)
         if arch.pop("from_teacher", False):

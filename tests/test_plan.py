@@ -1,0 +1,325 @@
+"""Tests of the dry-run planner (flexkd_ds.plan, flexkd_ds.memory, launch/plan.py). Meta device only: fast.
+
+References are independent of the module: parameter counts written out from each architecture's published
+hyper-parameters, ZeRO byte counts from the ZeRO paper's formulas typed in here, activation bytes per layer
+derived by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from flexkd_ds import memory as M
+from flexkd_ds import plan as P
+from flexkd_ds.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
+OPT, LLAMA, GPT2 = (ROOT / "launch" / "recipes" / f"{n}.yaml"
+                    for n in ("opt-6.7b-to-1.3b", "llama-7b-to-1.3b", "gpt2-xl-to-gpt2"))  # fmt: skip
+GIB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """The planner must work offline: any connection attempt fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the planner tried to open a network connection: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "launch" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def run_cli(cli, capsys, *argv: str) -> tuple[int, str]:
+    try:
+        code = cli(list(argv))
+    except SystemExit as e:  # argparse / config errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+# --------------------------------------------------------------------------- parameter counts
+def llama_params(h, f, layers, vocab, kv_dim=None, tied=False):
+    kv_dim = kv_dim or h
+    layer = 2 * h * h + 2 * h * kv_dim + 3 * h * f + 2 * h  # q, o; k, v; gate, up, down; two RMSNorms
+    return vocab * h * (1 if tied else 2) + layers * layer + h
+
+
+def opt_params(h, f, layers, vocab, positions):
+    layer = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 2 * 2 * h  # attention, fc1, fc2, two LayerNorms
+    return vocab * h + (positions + 2) * h + layers * layer + 2 * h  # tied head; OPT's position offset 2
+
+
+def gpt2_params(h, layers, vocab, positions):
+    layer = (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h) + 2 * 2 * h
+    return vocab * h + positions * h + layers * layer + 2 * h  # tied head
+
+
+EXPECTED = {  # hub name: (count from published hyper-parameters, nominal size, tolerance vs nominal)
+    "facebook/opt-6.7b": (opt_params(4096, 16384, 32, 50272, 2048), 6.7e9, 0.01),
+    "facebook/opt-1.3b": (opt_params(2048, 8192, 24, 50272, 2048), 1.3e9, 0.015),  # 1.316e9, named 1.3B
+    "meta-llama/Llama-2-7b-hf": (llama_params(4096, 11008, 32, 32000), 6.74e9, 0.01),
+    "princeton-nlp/Sheared-LLaMA-1.3B": (llama_params(2048, 5504, 24, 32000), 1.3e9, 0.04),  # 1.345e9
+    "openai-community/gpt2-xl": (gpt2_params(1600, 48, 50257, 1024), 1.56e9, 0.01),
+    "openai-community/gpt2": (gpt2_params(768, 12, 50257, 1024), 124e6, 0.01),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": (
+        llama_params(576, 1536, 30, 49152, 3 * 64, tied=True),
+        135e6,
+        0.01,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_configs_give_published_parameter_counts(name):
+    path = P.shipped_config_path(name)
+    assert path is not None and path.name == name.replace("/", "--") + ".json"
+    shape = P.model_shape(P.load_shipped_config(path), name)
+    exact, nominal, tolerance = EXPECTED[name]
+    assert shape.params == exact  # unique tensors: tied embeddings once
+    assert abs(shape.params - nominal) / nominal < tolerance
+    assert sum(shape.tensor_numels) == shape.params
+
+
+def test_seven_b_pairs_within_one_percent_of_their_names():
+    # The brief's 1% holds for every nominal size written to three digits; "1.3B" is a rounded name for
+    # OPT-1.3B (1.316e9, 1.2% off) and Sheared-LLaMA-1.3B (1.345e9, 3.5% off), checked exactly above.
+    for name in (
+        "facebook/opt-6.7b",
+        "meta-llama/Llama-2-7b-hf",
+        "openai-community/gpt2-xl",
+        "openai-community/gpt2",
+    ):
+        exact, nominal, _ = EXPECTED[name]
+        assert abs(exact - nominal) / nominal < 0.01, name
+
+
+def test_config_lookup_order(tmp_path):
+    assert P.shipped_config_path("gpt2") == P.MODEL_CONFIG_DIR / "openai-community--gpt2.json"  # legacy id
+    assert P.shipped_config_path("smollm2-135m-instruct").name == "HuggingFaceTB--SmolLM2-135M-Instruct.json"
+    assert P.shipped_config_path("someone/unknown-7b") is None
+    from flexkd_ds.models import tiny_config
+
+    local = tmp_path / "sft-teacher"
+    tiny_config(
+        "llama", hidden_size=64, num_layers=2, num_heads=4, vocab_size=300, max_positions=256
+    ).save_pretrained(local)
+    cfg = load_config(GPT2, [f"model.teacher={local}", "model.student=null", "model.student_arch={family: llama, hidden_size: 32, "
+                             "num_layers: 2, num_heads: 4, vocab_size: 300, max_positions: 256}", "data.max_length=256",
+                             "data.max_prompt_length=128"])  # fmt: skip
+    teacher, student = P.resolve_models(cfg)
+    assert teacher.origin == f"{local}/config.json" and teacher.config.hidden_size == 64
+    assert student.origin == "model.student_arch"
+    with pytest.raises(P.PlanError, match=r"model.teacher='someone/unknown-7b'.*local directory"):
+        P.resolve_models(load_config(GPT2, ["model.teacher=someone/unknown-7b"]))
+    with pytest.raises(P.PlanError, match="model.student_arch"):
+        P.resolve_models(load_config(None, ["model.student_arch={from_teacher: true, hidden_size: 250, "
+                                            "num_layers: 2}"]))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ memory formulas
+def test_zero_model_states_match_the_zero_paper():
+    psi, n = 1_345_423_360, 8
+    assert M.zero_model_states(psi, n, 0) == (2 * psi, 2 * psi, 12 * psi, 0.0)
+    assert M.zero_model_states(psi, n, 1) == (2 * psi, 2 * psi, 12 * psi / n, 0.0)
+    assert M.zero_model_states(psi, n, 2) == (2 * psi, 2 * psi / n, 12 * psi / n, 0.0)
+    assert M.zero_model_states(psi, n, 3) == (2 * psi / n, 2 * psi / n, 12 * psi / n, 0.0)
+    assert sum(M.zero_model_states(psi, n, 2)) == pytest.approx(2 * psi + (2 * psi + 12 * psi) / n)
+    assert M.zero_model_states(psi, n, 3, offload_optimizer=True) == (
+        2 * psi / n,
+        2 * psi / n,
+        0.0,
+        16 * psi / n,
+    )
+    assert M.zero_model_states(psi, n, 2, param_bytes=4) == (4 * psi, 4 * psi / n, 8 * psi / n, 0.0)
+    with pytest.raises(ValueError, match="ZeRO stage 0-3"):
+        M.zero_model_states(psi, n, 4)
+
+
+def test_llama_plan_on_8_gpus_matches_numbers_written_out():
+    report = P.plan(load_config(LLAMA), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    mem = {k: v * GIB for k, v in report.memory_gib.items()}
+    psi_s, psi_t, n = 1_345_423_360, 6_738_415_616, 8
+    persistent_t = (2 * 32 + 1) * 4096  # RMSNorm weights < stage3_param_persistence_threshold (1e5)
+
+    def approx(expected):
+        return pytest.approx(expected, rel=1e-9)
+
+    # student ZeRO-2 on 8 GPUs: 2 psi + (2 psi + 12 psi) / 8 (ZeRO paper)
+    states = mem["student parameters (ZeRO-2)"] + mem["student gradients"] + mem["student optimizer states"]
+    assert states == approx(2 * psi_s + (2 * psi_s + 12 * psi_s) / n)
+    assert mem["teacher parameter shard"] == approx((psi_t - persistent_t) * 2 / n)
+    assert mem["teacher persistent tensors (whole)"] == approx(persistent_t * 2)
+    assert mem["teacher gathered module + prefetch"] == approx((32000 * 4096 + 50_000_000) * 2)  # embedding
+    assert mem["student reduce/allgather buckets"] == approx(4.5 * (2e8 + 2e8) * 2)  # DeepSpeed docs
+    per_layer_token = 2 * (4 * 2048 + 2 * 2048) + 2 * (2 * 2048 + 4 * 5504)  # attention + SwiGLU MLP, bf16
+    assert mem["step: student activations (for backward)"] == approx(
+        512 * (24 * per_layer_token + 2 * 2 * 2048)
+    )
+    assert mem["step: logits + loss buffers (B, T, V)"] == approx(512 * 32000 * (3 * 2 + 6 * 4))
+    tot = report.totals_gib
+    assert tot["reserve"] == pytest.approx(0.1 * 80 + 1.5)
+    assert tot["model_states"] + max(tot["training_step"], tot["importance_pass"]) == pytest.approx(
+        tot["peak"]
+    )
+    assert tot["required"] == pytest.approx(tot["peak"] + tot["reserve"])
+    assert report.fits and report.exit_code == 0 and not report.required_overrides
+
+
+@pytest.mark.parametrize("recipe", [OPT, LLAMA, GPT2], ids=lambda p: p.stem)
+def test_memory_is_monotone_in_node_count(recipe):
+    for gpus, nodes, overrides in (
+        (1, (1, 2, 4, 8), []),
+        (8, (1, 2, 3, 4, 8), ["train.global_batch_size=null"]),
+    ):
+        cfg = load_config(recipe, overrides)
+        reports = [P.plan(cfg, nodes=n, gpus_per_node=gpus, gpu_mem_gib=80) for n in nodes]
+        for a, b in zip(reports, reports[1:], strict=False):
+            for key in a.memory_gib:
+                assert b.memory_gib[key] <= a.memory_gib[key], (recipe.stem, key, a.world, b.world)
+            assert b.totals_gib["required"] < a.totals_gib["required"]
+        assert (
+            reports[-1].memory_gib["teacher parameter shard"]
+            < reports[0].memory_gib["teacher parameter shard"] / 7
+        )
+
+
+def test_offload_moves_states_to_cpu():
+    cfg = load_config(LLAMA, ["deepspeed.teacher_config=ds_configs/teacher_zero3_offload.json",
+                              "deepspeed.student_config=ds_configs/student_zero3_offload.json"])  # fmt: skip
+    report = P.plan(cfg, nodes=2, gpus_per_node=4, gpu_mem_gib=80)
+    assert (
+        report.memory_gib["teacher parameter shard"] == 0
+        and report.memory_gib["student optimizer states"] == 0
+    )
+    cpu = report.cpu_per_node_gib
+    psi_t, psi_s, persistent_t = 6_738_415_616, 1_345_423_360, 65 * 4096
+    assert cpu["teacher parameter shards (offload_param)"] * GIB == pytest.approx(
+        (psi_t - persistent_t) * 2 / 2, rel=1e-9
+    )
+    persistent_s = 49 * 2048  # student ZeRO-3: its norms stay whole; states of everything are offloaded
+    assert cpu["student optimizer states + fp32 grads (offload_optimizer)"] * GIB == pytest.approx(
+        16 * psi_s / 8 * 4, rel=1e-9)  # fmt: skip
+    assert report.memory_gib["student parameters (ZeRO-3)"] * GIB == pytest.approx(
+        (psi_s - persistent_s) * 2 / 8 + persistent_s * 2, rel=1e-9)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- the command line
+@pytest.mark.parametrize("recipe", [OPT, LLAMA], ids=lambda p: p.stem)
+def test_7b_recipes_fit_8x80_and_not_1x16(cli, capsys, tmp_path, recipe):
+    code, out = run_cli(cli, capsys, "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "8")
+    assert code == 0 and "FITS" in out and "DOES NOT FIT" not in out
+    out_json = tmp_path / "plan.json"
+    code, out = run_cli(cli, capsys, "--config", str(recipe), "--nodes", "1", "--gpus-per-node", "1",
+                        "--gpu-mem-gb", "16", "--json", str(out_json))  # fmt: skip
+    assert code == 2 and "DOES NOT FIT" in out and "what to change, cheapest first" in out
+    data = json.loads(out_json.read_text())
+    assert (
+        data["exit_code"] == 2
+        and data["fits"] is False
+        and data["required_overrides"] == ["train.grad_accum=8"]
+    )
+    assert data["totals_gib"]["required"] > 16 and data["suggestions"]
+    assert [s["kind"] for s in data["suggestions"]] == ["more GPUs", "shard / offload"]
+    for suggestion in data["suggestions"]:  # each suggested change really fits when applied
+        nodes, overrides = 1, []
+        for item in suggestion["change"]:
+            if item.startswith("--nodes "):
+                nodes = int(item.split()[1])
+            else:
+                overrides.append(item)
+        fixed = P.plan(load_config(recipe, overrides), nodes=nodes, gpus_per_node=1, gpu_mem_gib=16)
+        assert fixed.exit_code == 0 and fixed.totals_gib["required"] == pytest.approx(
+            suggestion["required_gib"]
+        )
+
+
+def test_smaller_micro_batch_suggestion_is_the_largest_that_fits():
+    cfg = load_config(OPT, ["train.micro_batch_size=16", "train.global_batch_size=null"])
+    report = P.plan(cfg, nodes=1, gpus_per_node=8, gpu_mem_gib=24)
+    assert report.exit_code == 2
+    first = report.suggestions[0]
+    assert first["kind"] == "smaller micro-batch"
+    micro = int(first["change"][0].removeprefix("train.micro_batch_size="))
+
+    def required(m):
+        return P.plan(cfg.replace(**{"train.micro_batch_size": m}), nodes=1, gpus_per_node=8,
+                      gpu_mem_gib=24).totals_gib["required"]  # fmt: skip
+
+    assert 1 <= micro < 16 and required(micro) <= 24 < required(micro + 1)
+    short = next(s for s in report.suggestions if s["kind"] == "shorter max_length")
+    assert "data.max_prompt_length=" in " ".join(short["change"])  # keeps max_prompt_length < max_length
+
+
+def test_global_batch_that_cannot_split_is_invalid(cli, capsys):
+    code, out = run_cli(cli, capsys, "--config", str(GPT2), "--nodes", "2", "--gpus-per-node", "8")
+    assert code == 1 and "train.global_batch_size=8" in out and "INVALID" in out
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.teacher=facebook/opt-6.7b"], ["model.student: vocab size 50257 != the teacher's 50272", "loss.beta=0"]),
+        (["model.teacher=openai-community/gpt2", "model.student=openai-community/gpt2-xl"],
+         ["model.student: d_S=1600 >= d_T=768", "loss.feature_loss=projector"]),
+        (["data.max_length=2048"], ["data.max_length=2048 exceeds", "model.teacher (1024)", "data.max_length<=1024"]),
+    ],
+    ids=["vocab", "width", "max_length"],
+)  # fmt: skip
+def test_pair_errors_name_the_option(cli, capsys, overrides, expected):
+    report = P.plan(load_config(GPT2, overrides), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    assert report.exit_code == 1
+    text = " ".join(report.errors)
+    for piece in expected:
+        assert piece in text
+    code, out = run_cli(cli, capsys, "--config", str(GPT2), "--gpus-per-node", "8", *overrides)
+    assert code == 1 and expected[0] in out
+
+
+def test_tokenizer_family_and_large_gguf_warnings():
+    cfg = load_config(GPT2, ["model.teacher=facebook/opt-6.7b", "loss.beta=0"])
+    report = P.plan(cfg, nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    assert report.exit_code == 0 and any(
+        "model_type differs (teacher opt, student gpt2)" in w for w in report.warnings
+    )
+    teacher, student = P.resolve_models(load_config(LLAMA))
+    t = P.model_shape(teacher.config, teacher.name)
+    s = P.model_shape(student.config, student.name)
+    gguf_teacher = P.ResolvedModel("teacher", "big.gguf", "GGUF metadata", teacher.config, gguf=True)
+    errors, warnings, _ = P.check_pair(load_config(LLAMA), gguf_teacher, student, t, s)
+    assert not errors and any("GGUF checkpoint with 6.7 B parameters" in w for w in warnings)
+    _, warnings, _ = P.check_pair(load_config(LLAMA), teacher, student, t, s)
+    assert not any("GGUF" in w for w in warnings)
+
+
+def test_bad_arguments_exit_1(cli, capsys):
+    code, out = run_cli(cli, capsys, "--config", str(GPT2), "--nodes", "0")
+    assert code == 1 and "--nodes must be a positive integer" in out
+    code, out = run_cli(cli, capsys, "--config", str(GPT2), "train.max_step=3")
+    assert code == 1 and "did you mean 'train.max_steps'" in out
+    code, out = run_cli(cli, capsys, "--config", str(GPT2), "model.teacher=nobody/nothing")
+    assert code == 1 and "model.teacher='nobody/nothing'" in out
+
+
+@pytest.mark.parametrize("recipe", [None, *RECIPES], ids=lambda p: p.name if p else "quickstart-defaults")
+def test_every_recipe_plans_offline(recipe):
+    cfg = load_config(recipe)
+    report = P.plan(cfg, nodes=1, gpus_per_node=1, gpu_mem_gib=80)
+    assert report.exit_code in (0, 2), report.errors
+    assert report.models["teacher"]["params"] > 0 and report.models["student"]["params"] > 0
+    assert ("FITS" if report.fits else "DOES NOT FIT") in P.format_report(report)
+    assert json.loads(json.dumps(report.to_dict()))["world_size"] == 1
