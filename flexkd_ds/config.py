@@ -129,6 +129,11 @@ class DataConfig:
     valid_split: str = _opt("validation", "Split of data.valid.")
     num_synthetic: int = _opt(2000, "Examples that builtin:synthetic generates.", ge=1)
     max_train_rows: int | None = _opt(None, "Use at most this many training rows; null = all.", ge=1)
+    field_map: dict | None = _opt(
+        None,
+        "Column names of data.train / data.valid for instruction, input, output, prompt, e.g. the hub's "
+        "databricks/databricks-dolly-15k: {input: context, output: response}; null = the names themselves.",
+    )
     prompt_style: Literal["plain", "chat"] = _opt("plain", "plain = prompt + response; chat = chat template.")
     max_length: int = _opt(256, "Maximum tokens per example (prompt + response).", ge=2)
     max_prompt_length: int | None = _opt(None, "Cut prompts to this many tokens; null = no extra cap.", ge=1)
@@ -138,6 +143,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        known = ("instruction", "input", "output", "prompt")
+        for key, value in (self.field_map or {}).items():
+            _check(
+                key in known and isinstance(value, str) and value != "",
+                f"data.field_map.{key}",
+                f"data.field_map maps the fields {known} to column names (strings); got {key}: {value!r}",
+            )
         _check(
             self.max_prompt_length is None or self.max_prompt_length < self.max_length,
             ("data.max_prompt_length", "data.max_length"),

@@ -127,7 +127,7 @@ def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None)
 
         return synthetic_instructions(cfg.data.num_synthetic, seed=cfg.seed)
     loaded = data.load_instruction_rows(
-        source, split=split, on_bad_row=cfg.data.on_bad_row, max_rows=max_rows
+        source, split=split, on_bad_row=cfg.data.on_bad_row, max_rows=max_rows, field_map=cfg.data.field_map
     )
     if loaded.num_bad:
         logger.warning("data: %s", loaded.summary())

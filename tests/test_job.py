@@ -1,0 +1,66 @@
+"""Job setup without a launch (``flexkd_ds.job``): a pretrained student from a local directory, and dataset
+columns renamed by ``data.field_map``. Single process, tiny models, seconds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _helpers import RECIPE
+
+from flexkd_ds import models
+from flexkd_ds.config import ConfigError, load_config
+from flexkd_ds.job import load_rows, model_specs
+
+
+def test_pretrained_student_from_local_dir(tmp_path):
+    # the tiny recipe's student shape, saved as a Hugging Face directory and named as model.student
+    config = models.tiny_config("llama", hidden_size=32, num_layers=2, num_heads=4, vocab_size=259)
+    saved = models.build_causal_lm_from_config(config, seed=7, dtype=torch.float32)
+    student_dir = tmp_path / "student"
+    saved.save_pretrained(student_dir)
+
+    cfg = load_config(RECIPE, [f"output_dir={tmp_path / 'out'}", f"model.student={student_dir}",
+                               "model.student_arch=null"])  # fmt: skip
+    _, student, _ = model_specs(cfg)
+    assert student.name == str(student_dir)  # the name as the user wrote it goes into artifacts
+    assert student.width == 32
+    loaded = student.load(torch.float32).state_dict()
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+
+
+def test_field_map_renames_hub_style_columns(tmp_path):
+    # databricks-dolly-15k's own columns: instruction / context / response
+    path = tmp_path / "dolly.jsonl"
+    records = [
+        {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"},
+        {
+            "instruction": "Summarise.",
+            "context": "Cats sleep a lot.",
+            "response": "Cats sleep.",
+            "category": "x",
+        },
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = load_config(RECIPE, [f"output_dir={tmp_path / 'out'}", f"data.train={path}",
+                               "data.field_map={input: context, output: response}"])  # fmt: skip
+    rows = list(load_rows(cfg, cfg.data.train, cfg.data.train_split, None))
+    assert [r.instruction for r in rows] == ["Name a colour.", "Summarise."]
+    assert [r.input for r in rows] == ["", "Cats sleep a lot."]
+    assert [r.response for r in rows] == ["Blue.", "Cats sleep."]
+
+
+def test_field_map_without_it_names_the_missing_column(tmp_path):
+    path = tmp_path / "dolly.jsonl"
+    path.write_text(json.dumps({"instruction": "Name a colour.", "context": "", "response": "Blue."}) + "\n")
+    cfg = load_config(RECIPE, [f"output_dir={tmp_path / 'out'}", f"data.train={path}"])
+    with pytest.raises(ValueError, match="output"):
+        load_rows(cfg, cfg.data.train, cfg.data.train_split, None)
+
+
+@pytest.mark.parametrize("mapping", ["{answer: response}", "{output: 3}", "{output: ''}"])
+def test_field_map_bad_keys_are_named(tmp_path, mapping):
+    with pytest.raises(ConfigError, match=r"data\.field_map"):
+        load_config(RECIPE, [f"output_dir={tmp_path}", f"data.field_map={mapping}"])
