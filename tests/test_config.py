@@ -281,7 +281,7 @@ def test_valid_combinations(overrides):
 def test_config_help_lists_every_field():
     text = C.config_help()
     keys = leaf_keys()
-    assert len(keys) == 57  # 2 top-level + 8 + 10 + 12 + 6 + 16 + 3
+    assert len(keys) == 58  # 2 top-level + 8 + 11 + 12 + 6 + 16 + 3
     for key in keys:
         assert f"  {key}: " in text, key
     assert "train.max_steps: int = 60  (>= 1)" in text
