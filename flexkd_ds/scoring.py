@@ -4,12 +4,13 @@ sharded over all ranks, reduced exactly, written as ``importance.safetensors`` (
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from . import data, importance
+from . import ablation, data, importance, models
 from .config import DistillConfig
 from .engine import DistEnv, HeadInput, all_reduce_sum, barrier, gathered
 from .job import ModelSpec, importance_metadata
@@ -34,6 +35,15 @@ def feature_rows(batch: dict[str, torch.Tensor], feature_tokens: str) -> torch.T
     return batch["attention_mask"].bool()
 
 
+def scoring_order(cfg: DistillConfig, dataset_size: int, *, held_out: bool = False) -> list[int]:
+    """The dataset positions the importance pass scores: a fixed, seeded subset of ``importance.num_examples``
+    (the same whatever the world size). ``held_out=True``: the other positions, in the same seeded order."""
+    wanted = cfg.importance.num_examples
+    num_examples = dataset_size if wanted < 0 else min(wanted, dataset_size)
+    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return order[num_examples:] if held_out else order[:num_examples]
+
+
 def score_teacher(
     cfg: DistillConfig,
     engine,
@@ -47,11 +57,8 @@ def score_teacher(
     examples whose rows are all masked and which the accumulator skips), as ZeRO-3 requires.
     """
     icfg = cfg.importance
-    num_examples = len(dataset) if icfg.num_examples < 0 else min(icfg.num_examples, len(dataset))
-    # A fixed, seeded subset: the same examples whatever the world size.
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed))[
-        :num_examples
-    ].tolist()
+    order = scoring_order(cfg, len(dataset))
+    num_examples = len(order)
     batches = data.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
     weight, bias = teacher_head(engine)
     weight, bias = weight.to(env.device), None if bias is None else bias.to(env.device)
@@ -149,3 +156,115 @@ def run_score(cfg: DistillConfig, compare: str | None = None) -> importance.Impo
             overlap = importance.selection_overlap(found.indices[:k], other.indices[:k])
             logger.info("overlap of the top-%d units with %s: %.1f%%", k, compare, 100 * overlap)
     return found
+
+
+def _example_batches(dataset, positions: list[int], pad_id: int, batch_size: int, device) -> list[dict]:
+    """Collated batches of ``dataset[p]`` for ``positions``, in order, on ``device``."""
+    return [
+        {k: v.to(device) for k, v in data.collate([dataset[p] for p in chunk], pad_id).items()}
+        for chunk in (positions[i : i + batch_size] for i in range(0, len(positions), batch_size))
+    ]
+
+
+def run_ablate(
+    cfg: DistillConfig,
+    *,
+    ablate: bool = True,
+    percents=ablation.DEFAULT_PERCENTS,
+    random_draws: int = 3,
+    eval_data: str | None = None,
+    max_rows: int | None = None,
+    stability: bool = False,
+    subsets: int = 3,
+) -> tuple[ablation.AblationResult | None, ablation.StabilityResult | None]:
+    """``launch/score.py --ablate / --stability``: one process, the whole teacher on one device.
+
+    Ablation uses ``<output_dir>``'s importance file (refused if made for another teacher or width; computed
+    first through ``run_score`` when absent) and evaluates on ``eval_data`` (a MiniLLM-layout file, first
+    ``max_rows`` rows) or, without it, on up to ``max_rows`` (default 64) training examples the importance
+    pass did not score. Stability scores the ``importance.num_examples`` scored examples one by one and splits
+    them into ``subsets`` disjoint parts. Writes ``ablation.json`` and ``ablation.md`` in ``output_dir``.
+    """
+    from .evaluate import load_eval_rows, nll_batches
+    from .job import existing_importance, model_specs, setup_logging, train_dataset
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "--ablate / --stability run in a single process with the whole teacher on one device; start "
+            "them with plain `python launch/score.py ...` (score a large teacher with deepspeed first)"
+        )
+    if not (ablate or stability):
+        raise ValueError("nothing to do: pass --ablate, --stability or both")
+    percents = ablation.check_percents(percents)
+    if stability and (subsets < 2 or 0 < cfg.importance.num_examples < subsets):
+        raise ValueError(
+            f"stability needs --subsets >= 2 and importance.num_examples >= subsets; got --subsets {subsets} "
+            f"and importance.num_examples={cfg.importance.num_examples}"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = DistEnv(0, 1, 0, device)
+    setup_logging(env)
+    teacher, student, tokenizer = model_specs(cfg)
+    rows = None  # the evaluation file is checked before anything heavy runs
+    if ablate and eval_data is not None:
+        rows = load_eval_rows(
+            eval_data, tokenizer=tokenizer, prompt_style=cfg.data.prompt_style, max_rows=max_rows
+        )
+        if not rows:
+            raise ValueError(f"--eval-data {eval_data} has no rows; pass a file with test examples")
+    found = None
+    if ablate:
+        found = existing_importance(cfg, teacher, student.width)
+        if found is None:
+            logger.info("no matching importance file in %s: scoring the teacher first", cfg.output_dir)
+            found = run_score(cfg)
+        else:
+            logger.info("reusing %s\n%s", found.path, summarize(found))
+    pad_id = data.pad_token_id(tokenizer)
+    dtype = models.resolve_dtype(cfg.model.precision(device.type))
+    model = teacher.load(dtype).to(device)
+    dataset = None
+    if stability or (ablate and eval_data is None):
+        dataset = train_dataset(cfg, tokenizer, env)
+
+    result = None
+    if ablate:
+        if rows is not None:
+            batch_iter = nll_batches(
+                rows, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.importance.batch_size
+            )
+            batches, where = list(batch_iter), f"{eval_data} ({len(rows)} rows)"
+        else:
+            held_out = scoring_order(cfg, len(dataset), held_out=True)[: max_rows or 64]
+            if not held_out:
+                raise ValueError(
+                    f"every one of the {len(dataset)} training examples was scored (importance.num_examples); "
+                    "pass --eval-data PATH for the ablation"
+                )
+            batches = _example_batches(dataset, held_out, pad_id, cfg.importance.batch_size, device)
+            where = f"{len(held_out)} held-out examples of {cfg.data.train}"
+        logger.info("ablation on %s, percents %s, %d random draws", where, list(percents), random_draws)
+        result = ablation.run_ablation(
+            model, found, batches, percents=percents, random_draws=random_draws, seed=cfg.seed,
+            teacher=teacher.name,
+        )  # fmt: skip
+        result.info = {"teacher": teacher.name, "importance": found.path, "eval_data": where,
+                       "dtype": str(dtype), "device": str(device)}  # fmt: skip
+
+    stable = None
+    if stability:
+        positions = scoring_order(cfg, len(dataset))
+        batches = _example_batches(dataset, positions, pad_id, cfg.importance.batch_size, device)
+        per_example = ablation.example_tangent_scores(
+            model,
+            batches,
+            functional=cfg.importance.functional,
+            row_mask=lambda batch: feature_rows(batch, cfg.loss.feature_tokens),
+            chunk_tokens=cfg.importance.chunk_tokens,
+        )
+        stable = ablation.selection_stability(per_example, student.width, subsets=subsets, seed=cfg.seed)
+
+    json_path, md_path = ablation.write_report(cfg.output_dir, result, stable)
+    logger.info("\n%s", md_path.read_text())
+    logger.info("wrote %s and %s", json_path, md_path)
+    return result, stable
