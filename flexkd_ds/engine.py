@@ -100,6 +100,15 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's python object, in rank order (``[obj]`` outside a multi-rank group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    holder = [None] * dist.get_world_size()
+    dist.all_gather_object(holder, obj)
+    return holder
+
+
 @contextlib.contextmanager
 def main_first(env: DistEnv) -> Iterator[None]:
     """Rank 0 runs the block first (downloads, dataset caches), then the others."""
