@@ -26,42 +26,93 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE",
-                   help="a model to evaluate (repeat for several): NAME labels its row and files; SOURCE is a "
-                        "Hugging Face directory (e.g. a distill run's <output_dir>/student), a hub id, a .gguf "
-                        "file or smollm2-135m-instruct")
-    p.add_argument("--data", action="append", required=True, metavar="SET=PATH",
-                   help="a test set in MiniLLM JSONL layout (prompt or instruction[+input], output: a string or a "
-                        "list of references); repeat for several")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=SOURCE",
+        help="a model to evaluate (repeat for several): NAME labels its row and files; SOURCE is a "
+        "Hugging Face directory (e.g. a distill run's <output_dir>/student), a hub id, a .gguf "
+        "file or smollm2-135m-instruct",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="SET=PATH",
+        help="a test set in MiniLLM JSONL layout (prompt or instruction[+input], output: a string or a "
+        "list of references); repeat for several",
+    )
     p.add_argument("--out", required=True, type=Path, help="output directory (created)")
-    p.add_argument("--decoding", choices=("greedy", "sample", "both"), default="sample",
-                   help="greedy (one run), sample (one run per seed; the paper's protocol) or both")
-    p.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50],
-                   help="sampling seeds (default: 10 20 30 40 50, five as in the paper)")
+    p.add_argument(
+        "--decoding",
+        choices=("greedy", "sample", "both"),
+        default="sample",
+        help="greedy (one run), sample (one run per seed; the paper's protocol) or both",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[10, 20, 30, 40, 50],
+        help="sampling seeds (default: 10 20 30 40 50, five as in the paper)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / NLL batch (default 8)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
-    p.add_argument("--prompt-style", choices=("plain", "chat"), default="plain",
-                   help="plain: the row's MiniLLM/Alpaca prompt; chat: the tokenizer's chat template")
+    p.add_argument(
+        "--prompt-style",
+        choices=("plain", "chat"),
+        default="plain",
+        help="plain: the row's MiniLLM/Alpaca prompt; chat: the tokenizer's chat template",
+    )
     p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each set")
-    p.add_argument("--max-prompt-length", type=int, default=None,
-                   help="keep only the last N prompt tokens when generating (default: whole prompt)")
-    p.add_argument("--max-length", type=int, default=1024,
-                   help="NLL: prompt + response token limit; the prompt is left-truncated first (default 1024)")
-    p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS),
-                   help="rouge (generation) and/or nll (cheap, deterministic)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer for every model (a source, or builtin:bytes); default: each model's own")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="weights dtype; auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--zero3", action="store_true",
-                   help="shard each model as a ZeRO-3 inference engine over the ranks (launch with deepspeed)")
-    p.add_argument("--ds-config", default="ds_configs/teacher_zero3.json",
-                   help="DeepSpeed config for --zero3 (stage 3; default ds_configs/teacher_zero3.json)")
+    p.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=None,
+        help="keep only the last N prompt tokens when generating (default: whole prompt)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="NLL: prompt + response token limit; the prompt is left-truncated first (default 1024)",
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=METRICS,
+        default=list(METRICS),
+        help="rouge (generation) and/or nll (cheap, deterministic)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer for every model (a source, or builtin:bytes); default: each model's own",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="weights dtype; auto = bf16 on GPU, fp32 on CPU",
+    )
+    p.add_argument(
+        "--zero3",
+        action="store_true",
+        help="shard each model as a ZeRO-3 inference engine over the ranks (launch with deepspeed)",
+    )
+    p.add_argument(
+        "--ds-config",
+        default="ds_configs/teacher_zero3.json",
+        help="DeepSpeed config for --zero3 (stage 3; default ds_configs/teacher_zero3.json)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
     return p  # fmt: skip
 
 
