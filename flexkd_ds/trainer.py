@@ -176,6 +176,8 @@ def run_distill(cfg: DistillConfig) -> Path:
     start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash)
 
     preemption = Preemption()
+    if env.is_main:
+        trim_metrics(out / "metrics.jsonl", start_step)
     metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
     bar = tqdm(total=t.max_steps, initial=start_step, desc="distill", disable=not env.is_main, unit="step")
     capture = HeadInput(t_engine.module) if t_engine is not None else None
@@ -203,11 +205,12 @@ def run_distill(cfg: DistillConfig) -> Path:
                 sampler.load_state_dict(sampler_before)
                 checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
                 return out / "student"
+            lr = s_engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
             last = train_step(
                 cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env
             )
             step += 1
-            last.update(step=step, lr=s_engine.get_lr()[0])
+            last.update(step=step, lr=lr)
             if valid_set is not None and (step % t.eval_every == 0 or step == t.max_steps):
                 last["valid_lm"] = validation_loss(s_engine, valid_set, env, pad_id, t.micro_batch_size)
             if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
@@ -318,6 +321,30 @@ def validation_loss(s_engine, valid_set, env: DistEnv, pad_id: int, batch_size: 
     s_engine.train()
     totals = all_reduce_sum(totals)
     return float(totals[0] / totals[1].clamp_min(1))
+
+
+def trim_metrics(path: Path, start_step: int) -> int:
+    """Make ``metrics.jsonl`` end at ``start_step`` before a (resumed) run appends to it: drop the lines of
+    steps after it (logged by a run that died after its last checkpoint, and about to be trained again) and a
+    torn last line. Returns how many lines were dropped; the file is replaced atomically."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= start_step:
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        logger.info("%s: dropped %d line(s) after step %d (to be trained again)", path, dropped, start_step)
+    return dropped
 
 
 def checkpoint(s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None) -> None:

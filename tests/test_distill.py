@@ -13,6 +13,7 @@ default-suite smoke; the default part of this file (that smoke and the bad-input
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import subprocess
@@ -139,6 +140,12 @@ def check_distill_run(out: Path, overrides: list[str], world_size: int) -> None:
         assert all(finite(m[k]) for k in METRIC_KEYS), m
         assert m["tokens_per_s"] > 0 and m["teacher_ms"] > 0 and m["student_ms"] > 0
         assert 0 <= m["lr"] <= t.lr * (1 + 1e-9)
+    # The lr a step used (not the next one): linear warm-up (step + 1) / warmup, then cosine to 0.
+    for m in metrics:
+        i = m["step"] - 1
+        decay = (i - t.warmup_steps) / (t.max_steps - t.warmup_steps)
+        multiplier = (i + 1) / t.warmup_steps if i < t.warmup_steps else (1 + math.cos(math.pi * decay)) / 2
+        assert m["lr"] == pytest.approx(t.lr * multiplier, rel=1e-6), m
     losses = [m["loss"] for m in metrics]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.05, f"loss does not fall: {losses}"
     assert metrics[-1]["feature"] < metrics[0]["feature"], [m["feature"] for m in metrics]

@@ -1,0 +1,73 @@
+"""Trainer pieces that need no launch: the learning-rate schedule and the metrics log kept across a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from flexkd_ds.trainer import lr_multiplier, trim_metrics
+
+
+def written_out_schedule(step, warmup, total, kind, floor):
+    """The documented schedule, step by step: (step + 1) / warmup during warm-up, then decay to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - (1.0 - floor) * done
+    return floor + (1.0 - floor) * (math.cos(math.pi * done) + 1.0) / 2.0
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize(("warmup", "floor"), [(0, 0.0), (3, 0.0), (3, 0.1)])
+def test_lr_multiplier_follows_the_documented_schedule(kind, warmup, floor):
+    train = SimpleNamespace(warmup_steps=warmup, lr_schedule=kind, max_steps=12, min_lr_ratio=floor)
+    got = [lr_multiplier(train)(step) for step in range(14)]
+    expected = [written_out_schedule(step, warmup, 12, kind, floor) for step in range(14)]
+    assert got == pytest.approx(expected, abs=1e-12)
+    if kind == "cosine":
+        assert got[warmup] == pytest.approx(1.0) and got[12] == pytest.approx(floor)
+
+
+def write_log(path, steps, tail=""):
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in steps) + tail)
+
+
+def test_trim_metrics_drops_the_steps_a_resume_trains_again(tmp_path):
+    """A run logged steps 1..7 and died; its last checkpoint was step 4: steps 5..7 will be logged again."""
+    log = tmp_path / "metrics.jsonl"
+    write_log(log, range(1, 8))
+    assert trim_metrics(log, 4) == 3
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+    assert json.loads(log.read_text().splitlines()[1]) == {"step": 2, "loss": 0.5}  # kept lines unchanged
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_trim_metrics_drops_a_torn_last_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    write_log(log, range(1, 5), tail='{"step": 5, "lo')  # killed mid-write
+    assert trim_metrics(log, 5) == 1
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_trim_metrics_leaves_a_consistent_log_byte_for_byte(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    write_log(log, range(1, 5))
+    before = log.read_bytes()
+    assert trim_metrics(log, 4) == 0
+    assert log.read_bytes() == before
+    assert trim_metrics(tmp_path / "absent.jsonl", 3) == 0
+    assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_trim_metrics_from_step_zero_empties_the_log(tmp_path):
+    """train.resume=never into an old output dir: the log starts over with the new run."""
+    log = tmp_path / "metrics.jsonl"
+    write_log(log, range(1, 4))
+    assert trim_metrics(log, 0) == 3
+    assert log.read_text() == ""
