@@ -9,6 +9,10 @@ bottom ones, with random removal in between.
 Stability. Score the teacher on several disjoint subsets of the scoring data and report the pairwise overlap
 of the top-d_S selections (the paper: 91.5% on XSum, 96.3% on CNN/DM with 640 examples).
 
+Accuracy, for a classification set (rows with an ``options`` list of candidate answers holding the gold
+``output``; ``choice_set``): each option is scored by its summed log-probability (EOS included) after the
+prompt and the highest wins (ties: the first option). It is reported next to the NLL for every setting.
+
 Percent -> units: ``k = floor(p * d_T / 100 + 1/2)`` (round half up, computed exactly from the decimal
 value of p), clamped to [1, d_T - 1] so every ablation removes something and keeps something.
 
@@ -32,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import importance
+from . import data, importance
 from .evaluate import mean_std, response_nll
 
 DEFAULT_PERCENTS = (5.0, 10.0, 20.0, 50.0)
@@ -146,6 +150,7 @@ class Measure:
     nll: float
     delta: float  # nll - baseline
     ratio: float  # nll / baseline
+    accuracy: float | None = None  # classification sets only (``choices``)
 
 
 @dataclass
@@ -158,6 +163,9 @@ class RandomMeasure:
     nll_std: float
     delta_mean: float
     ratio_mean: float
+    accuracies: list[float] | None = None  # classification sets only, per draw
+    accuracy_mean: float | None = None
+    accuracy_std: float | None = None
 
 
 @dataclass
@@ -179,6 +187,8 @@ class AblationResult:
     tokens: int
     rows: list[AblationRow]
     info: dict = field(default_factory=dict)  # provenance: importance file, eval data, teacher, ...
+    baseline_accuracy: float | None = None  # classification sets only
+    choice_rows: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -198,6 +208,21 @@ class AblationResult:
                 f"{row.bottom.nll:.4f} ({row.bottom.delta:+.4f}) | "
                 f"{rnd.nll_mean:.4f} ± {rnd.nll_std:.4f} ({rnd.delta_mean:+.4f}) | {self.baseline_nll:.4f} |"
             )
+        if self.baseline_accuracy is not None:
+            lines += [
+                "",
+                f"Accuracy (%) over {self.choice_rows} classification rows (best-scoring option), same units zeroed.",
+                "",
+                "| p (%) | units | top | bottom | random (mean ± std) | baseline |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for row in self.rows:
+                rnd = row.random
+                lines.append(
+                    f"| {row.percent:g} | {row.units} | {100 * row.top.accuracy:.1f} | "
+                    f"{100 * row.bottom.accuracy:.1f} | {100 * rnd.accuracy_mean:.1f} ± {100 * rnd.accuracy_std:.1f} "
+                    f"| {100 * self.baseline_accuracy:.1f} |"
+                )
         return "\n".join(lines) + "\n"
 
 
@@ -206,8 +231,104 @@ def _response_nll(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[f
     return float(result.mean), int(result.tokens)
 
 
-def _measure(nll: float, baseline: float) -> Measure:
-    return Measure(nll=nll, delta=nll - baseline, ratio=nll / baseline if baseline > 0 else math.inf)
+def _measure(nll: float, baseline: float, accuracy: float | None = None) -> Measure:
+    ratio = nll / baseline if baseline > 0 else math.inf
+    return Measure(nll=nll, delta=nll - baseline, ratio=ratio, accuracy=accuracy)
+
+
+# ---- Classification sets ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ChoiceSet:
+    """A classification set as batches: one example per (row, option), the option as the response.
+
+    ``owners[i]`` / ``options[i]``: the row and the option index of the i-th example in batch order;
+    ``gold[r]``: the index of row r's correct option.
+    """
+
+    batches: list[dict[str, Tensor]]
+    owners: list[int]
+    options: list[int]
+    gold: list[int]
+
+
+def choice_options(row: data.InstructionRow, shared: Sequence[str] | None = None) -> tuple[list[str], int]:
+    """(options, gold index) of a row: its ``options`` column (a list of strings) or ``shared``; the gold
+    answer is the row's first reference and must be one of them. Raises ``data.DataError`` naming the row."""
+    where = f"{Path(row.source).name}, row {row.row_number}"
+    options = row.meta.get("options", shared)
+    if options is None:
+        raise data.DataError(f"{where}: no 'options' list (a classification set needs one on every row)")
+    if not isinstance(options, list | tuple) or not all(isinstance(o, str) and o.strip() for o in options):
+        raise data.DataError(f"{where}: 'options' must be a list of non-empty strings, got {options!r:.80}")
+    if len(set(options)) < 2 or len(set(options)) != len(options):
+        raise data.DataError(f"{where}: 'options' needs two or more distinct answers, got {list(options)!r:.80}")
+    if row.references[0] not in options:
+        raise data.DataError(f"{where}: the answer {row.references[0]!r:.40} is not among 'options' {list(options)!r:.80}")
+    return list(options), list(options).index(row.references[0])
+
+
+def choice_set(
+    rows: Sequence[data.InstructionRow],
+    tokenizer,
+    *,
+    max_length: int,
+    batch_size: int,
+    prompt_style: str = "plain",
+    shared_options: Sequence[str] | None = None,
+) -> ChoiceSet:
+    """Encode every (row, option) pair as ``evaluate.nll_batches`` encodes (prompt, reference): BOS as in
+    training, EOS appended, labels on the option only; ``batch_size`` examples per batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not rows:
+        raise data.DataError("the classification set has no rows")
+    add_bos = data._tokenizer_adds_bos(tokenizer)
+    encoded, owners, indices, gold = [], [], [], []
+    for r, row in enumerate(rows):
+        options, answer = choice_options(row, shared_options)
+        prompt = data.render_prompt(row, tokenizer, prompt_style)
+        for j, option in enumerate(options):
+            example = data.encode_example(prompt, option, tokenizer, max_length=max_length, add_bos=add_bos)
+            if example["truncated"]:
+                raise data.DataError(
+                    f"{Path(row.source).name}, row {row.row_number}: prompt + option {option!r:.40} do not fit "
+                    f"in max_length={max_length}; raise data.max_length"
+                )
+            encoded.append(example)
+            owners.append(r)
+            indices.append(j)
+        gold.append(answer)
+    pad_id = data.pad_token_id(tokenizer)
+    batches = [data.collate(encoded[i : i + batch_size], pad_id) for i in range(0, len(encoded), batch_size)]
+    return ChoiceSet(batches, owners, indices, gold)
+
+
+def option_logprobs(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> Tensor:
+    """(N,) float64: per example, the summed log-probability of its ``loss_mask`` tokens (batch order)."""
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(
+                input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+            ).logits.float()  # (B, T, V)
+            mask = batch["loss_mask"].to(device)
+            labels = batch["labels"].to(device).clamp_min(0)
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]  # (B, T)
+            out.append((picked.double() * mask).sum(dim=1).cpu())
+    return torch.cat(out)
+
+
+def choice_accuracy(model: nn.Module, choices: ChoiceSet) -> float:
+    """Fraction of rows whose best-scoring option (ties: the first) is the gold one."""
+    scores = option_logprobs(model, choices.batches).tolist()
+    best: dict[int, tuple[float, int]] = {}
+    for owner, option, score in zip(choices.owners, choices.options, scores, strict=True):
+        if owner not in best or score > best[owner][0]:
+            best[owner] = (score, option)
+    return sum(best[r][1] == g for r, g in enumerate(choices.gold)) / len(choices.gold)
 
 
 def _scores_for(model: nn.Module, found, teacher: str | None) -> Tensor:
@@ -240,6 +361,7 @@ def run_ablation(
     random_draws: int = 3,
     seed: int = 0,
     teacher: str | None = None,
+    choices: ChoiceSet | None = None,
     progress: bool = True,
 ) -> AblationResult:
     """Response NLL of ``model`` on ``batches`` with the top / bottom / random p% units zeroed.
@@ -252,6 +374,7 @@ def run_ablation(
         batches: batches as made by ``data.collate`` (``evaluate.nll_batches``); evaluated once per setting:
             ``1 + len(percents) * (2 + random_draws)`` passes in all.
         random_draws: draws per p; draw j uses seed ``seed + j`` (the same draws for every p).
+        choices: a classification set (``choice_set``): its accuracy is measured in every setting too.
 
     Returns the measurements; ``write_report`` saves them as ``ablation.json`` and ``ablation.md``.
     """
@@ -271,11 +394,13 @@ def run_ablation(
         for kind, s in [("top", None), ("bottom", None)] + [("random", s) for s in seeds]
     ]
     nlls: dict[tuple, float] = {}
+    accs: dict[tuple, float | None] = {}
     tokens = 0
     for p, kind, s in tqdm(settings, desc="ablation", unit="setting", disable=not progress):
         units = [] if p is None else ablation_units(scores, units_for_percent(p, d_teacher), kind, seed=s)
         with zeroed_units(model, units):
             nlls[(p, kind, s)], tokens = _response_nll(model, batches)
+            accs[(p, kind, s)] = None if choices is None else choice_accuracy(model, choices)
     if tokens == 0:
         raise ValueError("the evaluation batches hold no response token (every label is -100)")
     baseline = nlls[(None, "baseline", None)]
@@ -283,12 +408,14 @@ def run_ablation(
     for p in percents:
         draws = [nlls[(p, "random", s)] for s in seeds]
         mean, std = mean_std(draws)
+        draw_accs = None if choices is None else [accs[(p, "random", s)] for s in seeds]
+        acc_mean, acc_std = (None, None) if draw_accs is None else mean_std(draw_accs)
         rows.append(
             AblationRow(
                 percent=p,
                 units=units_for_percent(p, d_teacher),
-                top=_measure(nlls[(p, "top", None)], baseline),
-                bottom=_measure(nlls[(p, "bottom", None)], baseline),
+                top=_measure(nlls[(p, "top", None)], baseline, accs[(p, "top", None)]),
+                bottom=_measure(nlls[(p, "bottom", None)], baseline, accs[(p, "bottom", None)]),
                 random=RandomMeasure(
                     nlls=draws,
                     seeds=seeds,
@@ -296,10 +423,16 @@ def run_ablation(
                     nll_std=std,
                     delta_mean=mean - baseline,
                     ratio_mean=mean / baseline if baseline > 0 else math.inf,
+                    accuracies=draw_accs,
+                    accuracy_mean=acc_mean,
+                    accuracy_std=acc_std,
                 ),
             )
         )
-    return AblationResult(d_teacher, baseline, math.exp(baseline), tokens, rows)
+    return AblationResult(
+        d_teacher, baseline, math.exp(baseline), tokens, rows,
+        baseline_accuracy=accs[(None, "baseline", None)], choice_rows=0 if choices is None else len(choices.gold),
+    )  # fmt: skip
 
 
 # ---- Selection stability ------------------------------------------------------------------------------
@@ -328,21 +461,12 @@ def example_tangent_scores(
     rows_out = []
     with head_inputs(model) as captured, torch.no_grad():
         for batch in tqdm(batches, desc="stability scores", unit="batch", disable=not progress):
-            rows = batch["attention_mask"].bool() if row_mask is None else row_mask(batch).clone()
-            if functional == "label_logprob":
-                rows &= batch["loss_mask"]
+            rows = batch["attention_mask"].bool() if row_mask is None else row_mask(batch)
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            hidden = captured.pop()
-            scores = importance.tangent_scores(
-                hidden,
-                weight,
-                rows,
-                functional=functional,
-                labels=batch["labels"] if functional == "label_logprob" else None,
-                head_bias=bias,
+            scores, rows = importance.batch_tangent_scores(
+                captured.pop(), weight, batch, rows, functional=functional, head_bias=bias,
                 chunk_tokens=chunk_tokens,
-                empty="zero",
-            )
+            )  # fmt: skip
             rows_out.append(scores[rows.any(dim=1)].to("cpu", torch.float32))
     if not rows_out:
         raise ValueError("no scoring batches were given")

@@ -111,12 +111,17 @@ def _parse_record(record: Any, fmap: Mapping[str, str], source: str, row_number:
             raise _BadRow(f"reference {k} of '{fmap['output']}' must be a string, got {type(ref).__name__}")
         if not ref.strip():
             raise _BadRow(f"reference {k} of '{fmap['output']}' is empty or whitespace (empty response)")
-    meta = {
-        k: v for k, v in record.items() if k not in fmap.values() and isinstance(v, str | int | float | bool)
-    }
+    meta = {k: v for k, v in record.items() if k not in fmap.values() and _is_meta_value(v)}
     return InstructionRow(
         prompt, instruction, values["input"] or "", tuple(references), source, row_number, meta
     )
+
+
+def _is_meta_value(value: Any) -> bool:
+    """Scalars and lists of strings (e.g. a classification row's ``options``) are kept as row metadata."""
+    if isinstance(value, str | int | float | bool):
+        return True
+    return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
 
 
 @dataclass

@@ -193,6 +193,34 @@ def tangent_scores(
     return sums / counts.clamp_min(1).unsqueeze(1).to(acc)
 
 
+def batch_tangent_scores(
+    hidden: Tensor,
+    head_weight: Tensor,
+    batch: dict[str, Tensor],
+    rows: Tensor,
+    *,
+    functional: str = "sum_logprobs",
+    head_bias: Tensor | None = None,
+    chunk_tokens: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """:func:`tangent_scores` of one collated batch (``data.collate``), as the scoring jobs call it.
+
+    ``rows`` (B, T) bool are the tokens to score; ``"label_logprob"`` keeps only those with a label (the
+    response tokens, ``batch["loss_mask"]``). Examples without a scored token give zero rows.
+
+    Returns:
+        ``(scores, rows)``: (B, d_T) scores and the (B, T) rows that were scored.
+    """
+    labels = None
+    if functional == "label_logprob":
+        rows, labels = rows & batch["loss_mask"], batch["labels"]
+    scores = tangent_scores(
+        hidden, head_weight, rows, functional=functional, labels=labels, head_bias=head_bias,
+        chunk_tokens=chunk_tokens, empty="zero",
+    )  # fmt: skip
+    return scores, rows
+
+
 def tangent_scores_autograd(
     hidden: Tensor,
     head_weight: Tensor,

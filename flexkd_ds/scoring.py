@@ -71,22 +71,12 @@ def score_teacher(
         batch = {k: v.to(env.device) for k, v in data.collate(examples, pad_id).items()}
         rows = feature_rows(batch, cfg.loss.feature_tokens)
         rows &= torch.tensor([p is not None for p in batch_positions], device=env.device)[:, None]
-        labels = batch["labels"]
-        if icfg.functional == "label_logprob":
-            rows &= batch["loss_mask"]  # labels exist on response tokens only
         with torch.no_grad():
             engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        hidden = capture.pop()
-        scores = importance.tangent_scores(
-            hidden,
-            weight,
-            rows,
-            functional=icfg.functional,
-            labels=labels if icfg.functional == "label_logprob" else None,
-            head_bias=bias,
+        scores, rows = importance.batch_tangent_scores(
+            capture.pop(), weight, batch, rows, functional=icfg.functional, head_bias=bias,
             chunk_tokens=icfg.chunk_tokens,
-            empty="zero",
-        )
+        )  # fmt: skip
         accumulator.update(scores, rows.sum(1))
     state = accumulator.state_tensor().to(env.device)
     accumulator.load_state_tensor(all_reduce_sum(state).cpu())
@@ -176,6 +166,7 @@ def run_ablate(
     max_rows: int | None = None,
     stability: bool = False,
     subsets: int = 3,
+    options: list[str] | None = None,
 ) -> tuple[ablation.AblationResult | None, ablation.StabilityResult | None]:
     """``launch/score.py --ablate / --stability``: one process, the whole teacher on one device.
 
@@ -184,8 +175,11 @@ def run_ablate(
     ``max_rows`` rows) or, without it, on up to ``max_rows`` (default 64) training examples the importance
     pass did not score. Stability scores the ``importance.num_examples`` scored examples one by one and splits
     them into ``subsets`` disjoint parts. Writes ``ablation.json`` and ``ablation.md`` in ``output_dir``.
+
+    A classification ``eval_data`` (an ``options`` column, or ``options`` given for every row) adds the
+    accuracy of the best-scoring option to every setting (``ablation.choice_set``).
     """
-    from .evaluate import load_eval_rows, nll_batches
+    from .evaluate import _instruction_rows, eval_rows_from, nll_batches
     from .job import existing_importance, model_specs, setup_logging, train_dataset
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -205,13 +199,19 @@ def run_ablate(
     env = DistEnv(0, 1, 0, device)
     setup_logging(env)
     teacher, student, tokenizer = model_specs(cfg)
-    rows = None  # the evaluation file is checked before anything heavy runs
+    if options is not None and eval_data is None:
+        raise ValueError("--options names the answers of --eval-data rows; pass --eval-data PATH too")
+    rows = choices = None  # the evaluation file is checked before anything heavy runs
     if ablate and eval_data is not None:
-        rows = load_eval_rows(
-            eval_data, tokenizer=tokenizer, prompt_style=cfg.data.prompt_style, max_rows=max_rows
-        )
+        loaded = _instruction_rows(eval_data, max_rows, label="--eval-data").rows
+        rows = eval_rows_from(loaded, tokenizer=tokenizer, prompt_style=cfg.data.prompt_style)
         if not rows:
             raise ValueError(f"--eval-data {eval_data} has no rows; pass a file with test examples")
+        if options is not None or any("options" in row.meta for row in loaded):
+            choices = ablation.choice_set(
+                loaded, tokenizer, max_length=cfg.data.max_length, batch_size=cfg.importance.batch_size,
+                prompt_style=cfg.data.prompt_style, shared_options=options,
+            )  # fmt: skip
     found = None
     if ablate:
         found = existing_importance(cfg, teacher, student.width)
@@ -246,7 +246,7 @@ def run_ablate(
         logger.info("ablation on %s, percents %s, %d random draws", where, list(percents), random_draws)
         result = ablation.run_ablation(
             model, found, batches, percents=percents, random_draws=random_draws, seed=cfg.seed,
-            teacher=teacher.name,
+            teacher=teacher.name, choices=choices,
         )  # fmt: skip
         result.info = {"teacher": teacher.name, "importance": found.path, "eval_data": where,
                        "dtype": str(dtype), "device": str(device)}  # fmt: skip

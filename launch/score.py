@@ -15,7 +15,9 @@ Check that the scores found units the teacher depends on (docs/ablation.md), in 
 --ablate zeroes the top / bottom / random p% of the teacher's last hidden units and reports the response NLL
 against the unablated teacher; it reuses <output_dir>/importance.safetensors (scoring first when it is
 missing). --stability scores disjoint subsets of the scoring data and reports the overlap of their top-d_S
-selections. Both write <output_dir>/ablation.json and ablation.md. Put key=value overrides before
+selections. An --eval-data file whose rows carry an 'options' list (or --options for all rows) is a
+classification set: the accuracy of the best-scoring option is reported beside the NLL. Both write
+<output_dir>/ablation.json and ablation.md. Put key=value overrides before
 --percents (which takes every number after it).
 """
 
@@ -72,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="MiniLLM-layout JSONL to measure response NLL on (default: training examples not scored)",
     )  # fmt: skip
     ablate.add_argument(
+        "--options", nargs="+", metavar="ANSWER",
+        help="the candidate answers of every --eval-data row, for a classification set without an 'options' "
+        "column (e.g. --options positive negative); adds accuracy to the ablation",
+    )  # fmt: skip
+    ablate.add_argument(
         "--max-rows", type=positive_int, metavar="N",
         help="use the first N evaluation rows (default: all of --eval-data; 64 held-out training examples)",
     )  # fmt: skip
@@ -99,6 +106,8 @@ def main(argv=None) -> None:
         return
     if ns.compare is not None:
         parser.error("--compare belongs to the scoring run; run it without --ablate / --stability")
+    if ns.options is not None and ns.eval_data is None:
+        parser.error("--options gives the answers of the --eval-data rows: pass --eval-data PATH too")
     run_ablate(
         cfg,
         ablate=ns.ablate,
@@ -108,6 +117,7 @@ def main(argv=None) -> None:
         max_rows=ns.max_rows,
         stability=ns.stability,
         subsets=ns.subsets,
+        options=ns.options,
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from _helpers import REPO, SCORE, run_job
 
 from flexkd_ds import ablation, data
+from flexkd_ds.byte_tokenizer import byte_tokenizer
 from flexkd_ds.importance import ImportanceFile
 from flexkd_ds.models import build_causal_lm_from_config, tiny_config
 
@@ -254,6 +255,151 @@ def test_report_files(tmp_path):
     table = md_path.read_text()
     assert "| p (%) | units | top | bottom | random (mean ± std) | baseline |" in table
     assert "| 10 | 2 |" in table and "| 50 | 8 |" in table
+
+
+# ---- classification accuracy ------------------------------------------------------------------------
+
+COUNTING_ROWS = [([0, 1, 2], [3, 5, 7]), ([4, 5], [1, 6, 2]), ([6], [0, 7, 4]), ([2, 3, 4, 5], [6, 1, 3])]
+# (prompt tokens, option tokens); the counting rule's answer (last + 1 mod V) is option 1, 1, 0, 0
+
+
+def counting_choices() -> ablation.ChoiceSet:
+    """Each (prompt, single-token option) as one example; the option's token is the only label."""
+    sequences, prompts, owners, options, gold = [], [], [], [], []
+    for r, (prompt, opts) in enumerate(COUNTING_ROWS):
+        for j, option in enumerate(opts):
+            sequences.append(prompt + [option])
+            prompts.append(len(prompt))
+            owners.append(r)
+            options.append(j)
+        gold.append(opts.index((prompt[-1] + 1) % V))
+    batches = [batch_of(sequences[i : i + 5], prompts[i : i + 5]) for i in range(0, len(sequences), 5)]
+    return ablation.ChoiceSet(batches, owners, options, gold)
+
+
+def reference_accuracy(model, zero_units) -> float:
+    """float64: log p(option | prompt) from the masked head input; the best option per row is right?"""
+    weight = model.lm_head.weight.detach().double()
+    mask = torch.ones(D, dtype=torch.float64)
+    mask[list(zero_units)] = 0.0
+    right = 0
+    for prompt, opts in COUNTING_ROWS:
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.tensor([prompt])).last_hidden_state[0, -1].double()
+        logits = (hidden * mask) @ weight.T  # (V,)
+        log_probs = logits - torch.logsumexp(logits, dim=0)
+        best = max(range(len(opts)), key=lambda j: (float(log_probs[opts[j]]), -j))
+        right += opts[best] == (prompt[-1] + 1) % V
+    return right / len(COUNTING_ROWS)
+
+
+def test_accuracy_on_a_planted_classification_set_matches_float64_reference():
+    model, batches, scores, choices = planted_model(), counting_batches(), planted_scores(), counting_choices()
+    result = ablation.run_ablation(
+        model, scores, batches, percents=[25], random_draws=3, seed=11, choices=choices, progress=False
+    )
+    assert result.baseline_accuracy == reference_accuracy(model, []) == 1.0
+    assert result.choice_rows == len(COUNTING_ROWS)
+    row = result.rows[0]
+    order = sorted(range(D), key=lambda u: (-float(scores[u]), u))
+    assert row.top.accuracy == reference_accuracy(model, order[:4])
+    assert row.bottom.accuracy == reference_accuracy(model, order[-4:]) == 1.0
+    assert row.top.accuracy < 1.0  # the planted units carry the answer
+    draws = [
+        reference_accuracy(model, torch.randperm(D, generator=torch.Generator().manual_seed(s))[:4].tolist())
+        for s in (11, 12, 13)
+    ]
+    assert row.random.accuracies == draws
+    assert row.random.accuracy_mean == pytest.approx(sum(draws) / 3)
+    table = result.to_markdown()
+    assert f"Accuracy (%) over {len(COUNTING_ROWS)} classification rows" in table
+    assert f"| 25 | 4 | {100 * row.top.accuracy:.1f} | 100.0 |" in table
+
+
+def test_ablation_without_choices_reports_no_accuracy():
+    result = ablation.run_ablation(tiny_llama(), torch.rand(D), counting_batches(), percents=[50],
+                                   random_draws=1, progress=False)  # fmt: skip
+    assert result.baseline_accuracy is None and result.rows[0].top.accuracy is None
+    assert "Accuracy" not in result.to_markdown()
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_choice_set_encodes_each_option_as_the_response(tmp_path):
+    tokenizer = byte_tokenizer()
+    path = write_rows(tmp_path / "sst.jsonl", [
+        {"prompt": "Review: great film. Sentiment:", "output": "positive", "options": ["negative", "positive"]},
+        {"prompt": "Review: dull. Sentiment:", "output": "negative", "options": ["negative", "positive", "mixed"]},
+    ])  # fmt: skip
+    rows = data.load_instruction_rows(path).rows
+    choices = ablation.choice_set(rows, tokenizer, max_length=64, batch_size=2)
+    assert (choices.owners, choices.options, choices.gold) == ([0, 0, 1, 1, 1], [0, 1, 0, 1, 2], [1, 0])
+    examples = [(b, i) for b in choices.batches for i in range(b["input_ids"].shape[0])]
+    assert [len(b["input_ids"]) for b in choices.batches] == [2, 2, 1]
+    texts = ["negative", "positive", "negative", "positive", "mixed"]
+    for (batch, i), text in zip(examples, texts, strict=True):
+        labels = batch["labels"][i][batch["loss_mask"][i]].tolist()
+        assert labels == tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        assert tokenizer.decode(labels[:-1]) == text  # the option + EOS, nothing else
+    shared = ablation.choice_set(rows[:1], tokenizer, max_length=64, batch_size=4, shared_options=["positive", "no"])
+    assert shared.options == [0, 1] and shared.gold == [1]  # a row's own column wins over the shared list
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "p", "output": "yes", "options": ["no", "maybe"]}, "not among 'options'"),
+        ({"prompt": "p", "output": "yes", "options": ["yes"]}, "two or more distinct"),
+        ({"prompt": "p", "output": "yes", "options": ["yes", "yes"]}, "two or more distinct"),
+        ({"prompt": "p", "output": "yes", "options": ["yes", " "]}, "non-empty strings"),
+        ({"prompt": "p", "output": "yes"}, "no 'options' list"),
+    ],
+)
+def test_choice_set_refuses_bad_rows_naming_them(tmp_path, row, message):
+    good = {"prompt": "q", "output": "no", "options": ["yes", "no"]}
+    rows = data.load_instruction_rows(write_rows(tmp_path / "cls.jsonl", [good, row])).rows
+    with pytest.raises(data.DataError, match=message) as info:
+        ablation.choice_set(rows, byte_tokenizer(), max_length=32, batch_size=2)
+    assert "cls.jsonl, row 2" in str(info.value)
+
+
+def test_choice_set_refuses_an_option_that_does_not_fit(tmp_path):
+    rows = data.load_instruction_rows(
+        write_rows(tmp_path / "long.jsonl", [{"prompt": "p", "output": "a" * 40, "options": ["a" * 40, "b"]}])
+    ).rows
+    with pytest.raises(data.DataError, match="max_length=16"):
+        ablation.choice_set(rows, byte_tokenizer(), max_length=16, batch_size=2)
+
+
+def test_cli_reports_accuracy_for_a_classification_file(tmp_path):
+    """score.py --ablate with --options on a yes/no file: accuracy in ablation.json and ablation.md."""
+    path = write_rows(tmp_path / "yesno.jsonl", [
+        {"prompt": f"Is {n} even? Answer:", "output": "yes" if n % 2 == 0 else "no"} for n in range(6)
+    ])  # fmt: skip
+    out = tmp_path / "run"
+    flags = ["--ablate", "--eval-data", str(path), "--random-draws", "2", "--percents", "10", "50",
+             "--options", "yes", "no"]  # fmt: skip
+    run_job(SCORE, out, flags, nprocs=1, timeout=240)
+    saved = json.loads((out / "ablation.json").read_text())["ablation"]
+    assert saved["choice_rows"] == 6
+    accuracies = [saved["baseline_accuracy"]] + [
+        row[kind]["accuracy"] for row in saved["rows"] for kind in ("top", "bottom")
+    ] + [a for row in saved["rows"] for a in row["random"]["accuracies"]]  # fmt: skip
+    assert len(accuracies) == 1 + 2 * 2 + 2 * 2
+    assert all(a in {k / 6 for k in range(7)} for a in accuracies), accuracies  # a share of 6 rows
+    table = (out / "ablation.md").read_text()
+    assert "Accuracy (%) over 6 classification rows" in table
+    assert f"| {100 * saved['baseline_accuracy']:.1f} |" in table
+
+
+def test_cli_refuses_options_without_eval_data(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _score_module().main(["--config", str(REPO / "launch/recipes/tiny.yaml"), "--ablate", "--options", "a", "b"])
+    assert exit_info.value.code == 2
+    assert "--options gives the answers of the --eval-data rows" in capsys.readouterr().err
 
 
 # ---- stability -----------------------------------------------------------------------------------
