@@ -127,6 +127,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     teacher, student, tokenizer = model_specs(cfg)
     check_models(cfg, teacher, student, tokenizer)
     dataset = train_dataset(cfg, tokenizer, env)
+    valid_set = train_dataset(cfg, tokenizer, env, valid=True) if cfg.data.valid and t.eval_every else None
     pad_id = data.pad_token_id(tokenizer)
     needs_teacher = weights.uses_feature or weights.uses_logit
     t_engine = teacher_engine(cfg, teacher, env, t.micro_batch_size) if needs_teacher else None
@@ -168,7 +169,6 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
 
     s_engine = build_student_engine(module, s_ds, optimizer_factory, lr_multiplier(t))
-    valid_set = train_dataset(cfg, tokenizer, env, valid=True) if cfg.data.valid and t.eval_every else None
     sampler = data.ResumableDistributedSampler(
         len(dataset), rank=env.rank, world_size=env.world_size, seed=cfg.seed
     )

@@ -565,6 +565,7 @@ def test_bad_inputs_fail_clearly_and_keep_existing_files(tmp_path):
         "foreign_importance": ([], ["importance.safetensors", "teacher", "num_layers=4", "importance.recompute"]),
         "missing_data": ([f"data.train={missing}"], [str(missing)]),
         "row_without_output": ([f"data.train={bad_rows}"], [str(bad_rows), "row 2", "'output'"]),
+        "bad_valid_rows": ([f"data.valid={bad_rows}", "train.eval_every=1"], [str(bad_rows), "row 2", "'output'"]),
         "vocab_mismatch": (["model.student_arch.vocab_size=300"], ["vocab sizes differ", "teacher 259", "student 300"]),
     }  # fmt: skip
     jobs, before = {}, {}
