@@ -74,7 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="examples per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=4, help="linear warmup steps, then cosine to 0")
-    p.add_argument("--alpha", type=float, default=0.05, help="feature-loss weight (paper: 0.05)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        nargs="+",
+        default=[0.05],
+        help="feature-loss weight (paper: 0.05); several values sweep it: projector, cka and flexkd then run "
+        "once per value and appear as e.g. 'flexkd a=0.005' rows",
+    )
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--max-prompt-length", type=int, default=96)
     p.add_argument("--student-width", type=int, default=256, help="d_S (teacher d_T = 576 for SmolLM2)")
@@ -86,11 +93,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument(
+        "--save-students",
+        action="store_true",
+        help="save every trained student as a Hugging Face dir under --out/students/<run>/ (with the teacher's "
+        "tokenizer), so launch/evaluate.py can score them on other sets",
+    )
+    p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda (default when present) or cpu",
     )
     return p.parse_args(argv)
+
+
+FEATURE_METHODS = ("projector", "cka", "flexkd")  # the methods alpha weighs
+# What makes two runs of one method and seed the same run (a cached run with other values is run again).
+RUN_KEYS = ("teacher", "train", "valid", "train_rows", "steps", "batch_size", "lr", "warmup", "max_length",
+            "max_prompt_length", "student_width", "student_layers", "eval_every", "curve_rows", "nll_rows", "rouge_rows",
+            "max_new_tokens")  # fmt: skip
+
+
+def variants(args) -> list[tuple[str, str, float]]:
+    """(label, method, alpha) per table row: a feature method once per ``--alpha`` value, the others once."""
+    out = []
+    for method in args.methods:
+        if method in FEATURE_METHODS and len(args.alpha) > 1:
+            out += [(f"{method} a={a:g}", method, a) for a in args.alpha]
+        else:
+            out.append((method, method, args.alpha[0]))
+    return out
+
+
+def run_name(method: str, alpha: float, seed: int) -> str:
+    return f"{method}-a{alpha:g}-seed{seed}" if method in FEATURE_METHODS else f"{method}-seed{seed}"
 
 
 # ------------------------------------------------------------------------------------------- teacher side
@@ -164,9 +199,9 @@ def pad_hidden(hidden: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def train_one(method: str, seed: int, args, teacher, tokenizer, train_set, teacher_hidden, unit_indices,
-              curve_rows) -> dict:  # fmt: skip
-    weights = ObjectiveWeights(alpha=args.alpha, beta=1.0, lm_weight=1.0, **METHODS[method])
+def train_one(method: str, alpha: float, seed: int, args, teacher, tokenizer, train_set, teacher_hidden,
+              unit_indices, curve_rows) -> dict:  # fmt: skip
+    weights = ObjectiveWeights(alpha=alpha, beta=1.0, lm_weight=1.0, **METHODS[method])
     device = teacher.device
     student = build_student(teacher.config, args.student_width, args.student_layers, seed).to(device)
     projector = (
@@ -208,7 +243,7 @@ def train_one(method: str, seed: int, args, teacher, tokenizer, train_set, teach
         train_s += time.perf_counter() - start  # optimisation only: the curve evaluations are not counted
         log.append(dict(step=step, loss=float(terms.loss.detach()), lm=terms.lm_sum / float(mask.sum())))
     curve.append((args.steps, _valid_nll(student, tokenizer, curve_rows, args)))
-    return dict(method=method, seed=seed, train_s=train_s, curve=curve, log=log, student=student)
+    return dict(method=method, alpha=alpha, seed=seed, train_s=train_s, curve=curve, log=log, student=student)
 
 
 def _valid_nll(model, tokenizer, rows, args) -> float:
@@ -245,14 +280,14 @@ def report(out: Path, runs: list[dict], teacher_eval: dict, args) -> str:
         f"| teacher (SmolLM2-135M) | {teacher_eval['nll']:.3f} | {teacher_eval['rougeL']:.2f} | – | – |"
     )
     summary = {}
-    for method in args.methods:
-        mine = [r for r in runs if r["method"] == method]
+    for label, _, _ in variants(args):
+        mine = [r for r in runs if r["label"] == label]
         if not mine:
             continue
         stats = {k: evaluate.mean_std([r[k] for r in mine]) for k in ("nll", "rougeL", "train_s")}
-        summary[method] = {k: dict(mean=m, std=s) for k, (m, s) in stats.items()}
+        summary[label] = {k: dict(mean=m, std=s) for k, (m, s) in stats.items()}
         (nm, ns), (rm, rs), (tm, _) = stats["nll"], stats["rougeL"], stats["train_s"]
-        rows.append(f"| {method} | {nm:.3f} ± {ns:.3f} | {rm:.2f} ± {rs:.2f} | {tm:.0f} | {len(mine)} |")
+        rows.append(f"| {label} | {nm:.3f} ± {ns:.3f} | {rm:.2f} ± {rs:.2f} | {tm:.0f} | {len(mine)} |")
     table = "\n".join(rows)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(dict(args=vars(args), teacher=teacher_eval, summary=summary,
@@ -271,14 +306,14 @@ def _plot(path: Path, runs: list[dict], args) -> None:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in args.methods:
-        curves = [r["curve"] for r in runs if r["method"] == method]
+    for label, _, _ in variants(args):
+        curves = [r["curve"] for r in runs if r["label"] == label]
         if not curves:
             continue
         steps = [s for s, _ in curves[0]]
         values = torch.tensor([[v for _, v in c] for c in curves])
         mean, std = values.mean(0), values.std(0, unbiased=False)
-        ax.plot(steps, mean, label=method)
+        ax.plot(steps, mean, label=label)
         ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel(f"validation response NLL (nats/token, {args.curve_rows} rows)")
@@ -333,21 +368,30 @@ def main(argv=None) -> None:
     )
 
     runs = []
+    key = {k: getattr(args, k) for k in RUN_KEYS}
     for seed in args.seeds:
-        for method in args.methods:
-            path = out / "runs" / f"{method}-seed{seed}.json"
+        for label, method, alpha in variants(args):
+            name = run_name(method, alpha, seed)
+            path = out / "runs" / f"{name}.json"
             if path.exists():
-                runs.append(json.loads(path.read_text()))
-                continue
-            run = train_one(method, seed, args, teacher, tokenizer, train_set, teacher_hidden, unit_indices,
-                            curve_rows)  # fmt: skip
-            run.update(final_eval(run.pop("student"), tokenizer, nll_rows, rouge_rows, args))
+                cached = json.loads(path.read_text())
+                if cached.get("key") == key:
+                    runs.append(dict(cached, label=label))
+                    continue
+                print(f"{path}: cached with other settings, running it again")
+            run = train_one(method, alpha, seed, args, teacher, tokenizer, train_set, teacher_hidden,
+                            unit_indices, curve_rows)  # fmt: skip
+            student = run.pop("student")
+            if args.save_students:
+                student.save_pretrained(out / "students" / name)
+                tokenizer.save_pretrained(out / "students" / name)
+            run.update(final_eval(student, tokenizer, nll_rows, rouge_rows, args), key=key)
             path.write_text(json.dumps(run))
             print(
-                f"{method} seed {seed}: NLL {run['nll']:.3f} ROUGE-L {run['rougeL']:.2f} "
+                f"{label} seed {seed}: NLL {run['nll']:.3f} ROUGE-L {run['rougeL']:.2f} "
                 f"({run['train_s']:.0f} s train, {run['eval_s']:.0f} s eval)"
             )
-            runs.append(run)
+            runs.append(dict(run, label=label))
     print(report(out, runs, teacher_eval, args))
 
 
