@@ -43,7 +43,8 @@ class LaunchError(RuntimeError):
 
 
 def log(role: str, message: str) -> None:
-    print(f"[flexkd launcher {role}] {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"[flexkd launcher {role}] {message}\n")  # one write: several nodes share the stream
+    sys.stderr.flush()
 
 
 # ------------------------------------------------------------------------------------------ layout (pure)
@@ -357,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hosts = expand_nodelist(os.environ.get("SLURM_JOB_NODELIST", ""))
         layout = slurm_layout(os.environ, hosts, ns.procs_per_node)
         if ns.dry_run:
-            print(layout.describe())
-            print(shlex.join([sys.executable, "-u", *command]))
+            # One write: the nodes share srun's stdout, and unbuffered prints of two nodes could interleave.
+            sys.stdout.write(f"{layout.describe()}\n{shlex.join([sys.executable, '-u', *command])}\n")
+            sys.stdout.flush()
             return 0
         return run_node(layout, command, ns.grace)
     except LaunchError as err:
