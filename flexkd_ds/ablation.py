@@ -194,36 +194,40 @@ class AblationResult:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        lines = [
-            f"Response NLL (nats/token) over {self.tokens} response tokens with the top / bottom / random p% "
-            f"of the teacher's d_T = {self.d_teacher} last hidden units zeroed; (change vs the baseline).",
-            "",
-            "| p (%) | units | top | bottom | random (mean ± std) | baseline |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for row in self.rows:
-            rnd = row.random
-            lines.append(
-                f"| {row.percent:g} | {row.units} | {row.top.nll:.4f} ({row.top.delta:+.4f}) | "
-                f"{row.bottom.nll:.4f} ({row.bottom.delta:+.4f}) | "
-                f"{rnd.nll_mean:.4f} ± {rnd.nll_std:.4f} ({rnd.delta_mean:+.4f}) | {self.baseline_nll:.4f} |"
-            )
+        def nll(m: Measure) -> str:
+            return f"{m.nll:.4f} ({m.delta:+.4f})"
+
+        def acc(m: Measure) -> str:
+            return f"{100 * m.accuracy:.1f}"
+
+        def rnd_nll(r: RandomMeasure) -> str:
+            return f"{r.nll_mean:.4f} ± {r.nll_std:.4f} ({r.delta_mean:+.4f})"
+
+        def rnd_acc(r: RandomMeasure) -> str:
+            return f"{100 * r.accuracy_mean:.1f} ± {100 * r.accuracy_std:.1f}"
+
+        tables = [
+            (
+                f"Response NLL (nats/token) over {self.tokens} response tokens with the top / bottom / random p% "
+                f"of the teacher's d_T = {self.d_teacher} last hidden units zeroed; (change vs the baseline).",
+                nll, rnd_nll, f"{self.baseline_nll:.4f}",
+            ),
+        ]  # fmt: skip
         if self.baseline_accuracy is not None:
-            lines += [
-                "",
+            tables.append((
                 f"Accuracy (%) over {self.choice_rows} classification rows (best-scoring option), same units zeroed.",
-                "",
-                "| p (%) | units | top | bottom | random (mean ± std) | baseline |",
-                "| ---: | ---: | ---: | ---: | ---: | ---: |",
+                acc, rnd_acc, f"{100 * self.baseline_accuracy:.1f}",
+            ))  # fmt: skip
+        lines = []
+        for title, cell, random_cell, baseline in tables:
+            lines += ["", title, "", "| p (%) | units | top | bottom | random (mean ± std) | baseline |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+            lines += [
+                f"| {row.percent:g} | {row.units} | {cell(row.top)} | {cell(row.bottom)} | {random_cell(row.random)} "
+                f"| {baseline} |"
+                for row in self.rows
             ]
-            for row in self.rows:
-                rnd = row.random
-                lines.append(
-                    f"| {row.percent:g} | {row.units} | {100 * row.top.accuracy:.1f} | "
-                    f"{100 * row.bottom.accuracy:.1f} | {100 * rnd.accuracy_mean:.1f} ± {100 * rnd.accuracy_std:.1f} "
-                    f"| {100 * self.baseline_accuracy:.1f} |"
-                )
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines[1:]) + "\n"
 
 
 def _response_nll(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[float, int]:
