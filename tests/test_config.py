@@ -320,6 +320,11 @@ def test_resolve_path_prefers_cwd_then_project_root(tmp_path, monkeypatch):
     )
 
 
+def test_quickstart_recipe_is_the_builtin_default():
+    """launch/recipes/quickstart.yaml documents the no-config job; it must not drift from the defaults."""
+    assert load_config(ROOT / "launch" / "recipes" / "quickstart.yaml") == load_config()
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_load(recipe, tmp_path):
     cfg = load_config(recipe)
