@@ -32,9 +32,7 @@ from flexkd_ds.models import (
     vocab_size,
 )
 
-GPT2_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
-if not GPT2_TOKENIZER_DIR.is_dir():  # the checkout may live elsewhere than next to shared/
-    GPT2_TOKENIZER_DIR = Path("/work/shared/tokenizers/gpt2")
+GPT2_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"  # ../shared beside the repo
 GPT2_VOCAB = 50257
 
 
