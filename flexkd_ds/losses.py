@@ -36,13 +36,8 @@ MOMENT_NAMES = ("count", "mean_t", "mean_s", "m2_t", "m2_s", "c_ts")
 _N, _MT, _MS, _M2T, _M2S, _CTS = range(6)
 
 
-def check_correlation_inputs(
-    teacher_hidden: Tensor, student_hidden: Tensor, unit_indices: Tensor, valid_mask: Tensor | None
-) -> None:
-    """Raise ``ValueError`` naming the problem when the correlation inputs do not fit together.
-
-    Shared by the torch reference and the Triton path so both refuse exactly the same inputs.
-    """
+def _check_paired_shapes(teacher_hidden: Tensor, student_hidden: Tensor) -> None:
+    """(..., d_T) and (..., d_S) with the same leading dimensions, or ``ValueError`` naming both shapes."""
     if teacher_hidden.dim() < 2 or student_hidden.dim() < 2:
         raise ValueError(
             f"teacher_hidden and student_hidden need shape (..., d); got {tuple(teacher_hidden.shape)} "
@@ -53,6 +48,16 @@ def check_correlation_inputs(
             f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden {tuple(student_hidden.shape)} "
             "must agree in every dimension but the last (same batch and sequence positions)"
         )
+
+
+def check_correlation_inputs(
+    teacher_hidden: Tensor, student_hidden: Tensor, unit_indices: Tensor, valid_mask: Tensor | None
+) -> None:
+    """Raise ``ValueError`` naming the problem when the correlation inputs do not fit together.
+
+    Shared by the torch reference and the Triton path so both refuse exactly the same inputs.
+    """
+    _check_paired_shapes(teacher_hidden, student_hidden)
     d_teacher, d_student = teacher_hidden.shape[-1], student_hidden.shape[-1]
     if unit_indices.dim() != 1 or unit_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(
@@ -428,16 +433,7 @@ def _paired_rows(
     teacher_hidden: Tensor, student_hidden: Tensor, valid_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Check (..., d_T) / (..., d_S) / (...) inputs and return the valid rows (N, d_T), (N, d_S)."""
-    if teacher_hidden.dim() < 2 or student_hidden.dim() < 2:
-        raise ValueError(
-            f"teacher_hidden and student_hidden need shape (..., d); got {tuple(teacher_hidden.shape)} "
-            f"and {tuple(student_hidden.shape)}"
-        )
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(
-            f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden {tuple(student_hidden.shape)} "
-            "must agree in every dimension but the last (same batch and sequence positions)"
-        )
+    _check_paired_shapes(teacher_hidden, student_hidden)
     _check_valid_mask(valid_mask, teacher_hidden.shape[:-1], "the hidden states")
     return _valid_rows(teacher_hidden.detach(), valid_mask), _valid_rows(student_hidden, valid_mask)
 
