@@ -218,16 +218,16 @@ class AblationResult:
                 f"Accuracy (%) over {self.choice_rows} classification rows (best-scoring option), same units zeroed.",
                 acc, rnd_acc, f"{100 * self.baseline_accuracy:.1f}",
             ))  # fmt: skip
-        lines = []
-        for title, cell, random_cell, baseline in tables:
-            lines += ["", title, "", "| p (%) | units | top | bottom | random (mean ± std) | baseline |",
-                      "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-            lines += [
+        header = "| p (%) | units | top | bottom | random (mean ± std) | baseline |\n" + "| ---: " * 6 + "|"
+        blocks = [
+            "\n".join([title, "", header] + [
                 f"| {row.percent:g} | {row.units} | {cell(row.top)} | {cell(row.bottom)} | {random_cell(row.random)} "
                 f"| {baseline} |"
                 for row in self.rows
-            ]
-        return "\n".join(lines[1:]) + "\n"
+            ])
+            for title, cell, random_cell, baseline in tables
+        ]  # fmt: skip
+        return "\n\n".join(blocks) + "\n"
 
 
 def _response_nll(model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[float, int]:
@@ -269,7 +269,9 @@ def choice_options(row: data.InstructionRow, shared: Sequence[str] | None = None
     if len(set(options)) < 2 or len(set(options)) != len(options):
         raise data.DataError(f"{where}: 'options' needs two or more distinct answers, got {list(options)!r:.80}")
     if row.references[0] not in options:
-        raise data.DataError(f"{where}: the answer {row.references[0]!r:.40} is not among 'options' {list(options)!r:.80}")
+        raise data.DataError(
+            f"{where}: the answer {row.references[0]!r:.40} is not among 'options' {list(options)!r:.80}"
+        )
     return list(options), list(options).index(row.references[0])
 
 
