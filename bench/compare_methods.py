@@ -109,8 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 FEATURE_METHODS = ("projector", "cka", "flexkd")  # the methods alpha weighs
 # What makes two runs of one method and seed the same run (a cached run with other values is run again).
 RUN_KEYS = ("teacher", "train", "valid", "train_rows", "steps", "batch_size", "lr", "warmup", "max_length",
-            "max_prompt_length", "student_width", "student_layers", "eval_every", "curve_rows", "nll_rows", "rouge_rows",
-            "max_new_tokens")  # fmt: skip
+            "max_prompt_length", "student_width", "student_layers", "eval_every", "curve_rows", "nll_rows",
+            "rouge_rows", "max_new_tokens")  # fmt: skip
 
 
 def variants(args) -> list[tuple[str, str, float]]:
@@ -372,19 +372,21 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         for label, method, alpha in variants(args):
             name = run_name(method, alpha, seed)
-            path = out / "runs" / f"{name}.json"
+            path, student_dir = out / "runs" / f"{name}.json", out / "students" / name
             if path.exists():
                 cached = json.loads(path.read_text())
-                if cached.get("key") == key:
+                missing_student = args.save_students and not student_dir.is_dir()
+                if cached.get("key") == key and not missing_student:
                     runs.append(dict(cached, label=label))
                     continue
-                print(f"{path}: cached with other settings, running it again")
+                why = "its student was not saved" if cached.get("key") == key else "cached with other settings"
+                print(f"{path}: {why}, running it again")
             run = train_one(method, alpha, seed, args, teacher, tokenizer, train_set, teacher_hidden,
                             unit_indices, curve_rows)  # fmt: skip
             student = run.pop("student")
             if args.save_students:
-                student.save_pretrained(out / "students" / name)
-                tokenizer.save_pretrained(out / "students" / name)
+                student.save_pretrained(student_dir)
+                tokenizer.save_pretrained(student_dir)
             run.update(final_eval(student, tokenizer, nll_rows, rouge_rows, args), key=key)
             path.write_text(json.dumps(run))
             print(
