@@ -12,7 +12,7 @@ shallower LLaMA with the teacher's tokenizer (``--student-width``, ``--student-l
 
 For each seed every method sees the same examples in the same order, the same number of steps and the same
 student initialisation; the seed sets the data order (and the projector's init). The loss of every method is
-``flexkd_ds.objective.micro_objective``, the trainer's own normalisation, in one process (no DeepSpeed: the
+``flexkd_ds.method.objective.micro_objective``, the trainer's own normalisation, in one process (no DeepSpeed: the
 point here is the objective, and one process keeps 18 runs inside an hour on a laptop).
 
 Why it is cheap enough for a CPU: the teacher is frozen and the data order is fixed, so its last hidden state
@@ -41,9 +41,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flexkd_ds import data, evaluate, importance, losses, models
-from flexkd_ds.generation import generate
-from flexkd_ds.objective import ObjectiveWeights, micro_objective
+from flexkd_ds.evaluation.generation import generate
+from flexkd_ds.inputs import data, models
+from flexkd_ds.jobs import evaluate
+from flexkd_ds.method import importance, losses
+from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
 
 METHODS = {
     "sft": dict(feature_loss="none", logit_loss="none"),
@@ -379,7 +381,9 @@ def main(argv=None) -> None:
                 if cached.get("key") == key and not missing_student:
                     runs.append(dict(cached, label=label))
                     continue
-                why = "its student was not saved" if cached.get("key") == key else "cached with other settings"
+                why = (
+                    "its student was not saved" if cached.get("key") == key else "cached with other settings"
+                )
                 print(f"{path}: {why}, running it again")
             run = train_one(method, alpha, seed, args, teacher, tokenizer, train_set, teacher_hidden,
                             unit_indices, curve_rows)  # fmt: skip

@@ -4,9 +4,9 @@
     python bench/kernel_bench.py --dtype fp32 --valid-fraction 0.6 --iters 200
     python bench/kernel_bench.py --device cpu          # eager reference only, small shape
 
-The eager reference is ``flexkd_ds.losses.correlation_loss`` (gather of the selected teacher columns into
+The eager reference is ``flexkd_ds.method.losses.correlation_loss`` (gather of the selected teacher columns into
 an (N, d_S) float32 copy, centring, reductions; autograd backward). The fused path is
-``flexkd_ds.ops.correlation_loss(impl="triton")``. Timings are medians of CUDA-event-timed iterations
+``flexkd_ds.method.ops.correlation_loss(impl="triton")``. Timings are medians of CUDA-event-timed iterations
 after warm-up (the first warm-up call compiles the kernels).
 
 Bytes the op must touch (N_valid rows used, N rows in the batch, b_T / b_S bytes per element):
@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from flexkd_ds import ops
+from flexkd_ds.method import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

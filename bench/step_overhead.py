@@ -30,18 +30,18 @@ from datetime import date
 
 import torch
 
-from flexkd_ds import ops
-from flexkd_ds.engine import HeadInput
-from flexkd_ds.losses import Projector
-from flexkd_ds.models import (
+from flexkd_ds.inputs.models import (
     build_causal_lm_from_config,
     lm_head_input_size,
     narrow_student_config,
     resolve_dtype,
     tiny_config,
 )
-from flexkd_ds.objective import ObjectiveWeights, micro_objective
-from flexkd_ds.trainer import DistillStudent
+from flexkd_ds.jobs.distill import DistillStudent
+from flexkd_ds.method import ops
+from flexkd_ds.method.losses import Projector
+from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
+from flexkd_ds.runtime.engine import HeadInput
 
 PRESETS = {
     "cpu": dict(teacher_hidden=512, student_hidden=256, layers=4, vocab=8192, batch=4, seq=128, steps=25,

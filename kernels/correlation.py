@@ -2,7 +2,7 @@
 
 Four layers (Liger-Kernel style): the ``@triton.jit`` kernels, the ``correlation_moments_forward`` /
 ``correlation_moments_backward`` launchers, ``CorrelationMomentsFunction`` and the thin public
-``correlation_moments_triton``, a drop-in for ``flexkd_ds.losses.correlation_moments`` (same (6, d_S)
+``correlation_moments_triton``, a drop-in for ``flexkd_ds.method.losses.correlation_moments`` (same (6, d_S)
 moments, same row order ``MOMENT_NAMES``). The loss itself stays in torch: ``correlation_from_moments`` and,
 for ``correlation_scope: global``, ``combine_moments`` work on d_S-sized tensors only.
 
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from flexkd_ds.losses import check_correlation_inputs, combine_moments
+from flexkd_ds.method.losses import check_correlation_inputs, combine_moments
 
 # True when the kernels were built for the Triton interpreter (CPU tensors); read at import, as triton does.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -382,7 +382,7 @@ def correlation_moments_triton(
     validate: bool = True,
     **launch_options,
 ) -> Tensor:
-    """Fused drop-in for ``flexkd_ds.losses.correlation_moments``: (6, d_S) fp32 moments over the valid rows.
+    """Fused drop-in for ``flexkd_ds.method.losses.correlation_moments``: (6, d_S) fp32 moments over the valid rows.
 
     Args:
         teacher_hidden: (..., d_T) fp32/fp16/bf16, any strides; read only at ``unit_indices``; no gradient.

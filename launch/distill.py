@@ -10,8 +10,8 @@ with alpha * L_feature + beta * L_logit + lambda * L_sup, writes metrics.jsonl, 
 Hugging Face format under output_dir. Every config key can be overridden as key=value (listed below).
 """
 
-from flexkd_ds.config import parse_args
-from flexkd_ds.trainer import run_distill
+from flexkd_ds.inputs.config import parse_args
+from flexkd_ds.jobs.distill import run_distill
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from flexkd_ds.evaluate import METRICS, EvalOptions, parse_named, run_evaluate
+from flexkd_ds.jobs.evaluate import METRICS, EvalOptions, parse_named, run_evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:

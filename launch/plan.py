@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from flexkd_ds.config import ConfigError, build_arg_parser, load_config
-from flexkd_ds.plan import EXIT_INVALID, PlanError, format_report, plan
+from flexkd_ds.inputs.config import ConfigError, build_arg_parser, load_config
+from flexkd_ds.jobs.plan import EXIT_INVALID, PlanError, format_report, plan
 
 
 def main(argv=None) -> int:

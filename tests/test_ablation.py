@@ -1,4 +1,4 @@
-"""Tests of flexkd_ds.ablation (unit zeroing, ablation, selection stability) and ``score.py --ablate``.
+"""Tests of flexkd_ds.jobs.ablate (unit zeroing, ablation, selection stability) and ``score.py --ablate``.
 
 References are written out here: logits of ``head(hidden * mask)``, float64 cross-entropy over the masked
 head input, float64 autograd of the tangent scores, and python top-k over float64 means.
@@ -15,10 +15,11 @@ import pytest
 import torch
 from _helpers import REPO, SCORE, run_job
 
-from flexkd_ds import ablation, data
-from flexkd_ds.byte_tokenizer import byte_tokenizer
-from flexkd_ds.importance import ImportanceFile
-from flexkd_ds.models import build_causal_lm_from_config, tiny_config
+from flexkd_ds.inputs import data
+from flexkd_ds.inputs.byte_tokenizer import byte_tokenizer
+from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
+from flexkd_ds.jobs import ablate as ablation
+from flexkd_ds.method.importance import ImportanceFile
 
 INSTRUCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 D, V = 16, 8
@@ -294,7 +295,12 @@ def reference_accuracy(model, zero_units) -> float:
 
 
 def test_accuracy_on_a_planted_classification_set_matches_float64_reference():
-    model, batches, scores, choices = planted_model(), counting_batches(), planted_scores(), counting_choices()
+    model, batches, scores, choices = (
+        planted_model(),
+        counting_batches(),
+        planted_scores(),
+        counting_choices(),
+    )
     result = ablation.run_ablation(
         model, scores, batches, percents=[25], random_draws=3, seed=11, choices=choices, progress=False
     )
@@ -344,7 +350,9 @@ def test_choice_set_encodes_each_option_as_the_response(tmp_path):
         labels = batch["labels"][i][batch["loss_mask"][i]].tolist()
         assert labels == tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
         assert tokenizer.decode(labels[:-1]) == text  # the option + EOS, nothing else
-    shared = ablation.choice_set(rows[:1], tokenizer, max_length=64, batch_size=4, shared_options=["positive", "no"])
+    shared = ablation.choice_set(
+        rows[:1], tokenizer, max_length=64, batch_size=4, shared_options=["positive", "no"]
+    )
     assert shared.options == [0, 1] and shared.gold == [1]  # a row's own column wins over the shared list
 
 
@@ -397,7 +405,9 @@ def test_cli_reports_accuracy_for_a_classification_file(tmp_path):
 
 def test_cli_refuses_options_without_eval_data(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _score_module().main(["--config", str(REPO / "launch/recipes/tiny.yaml"), "--ablate", "--options", "a", "b"])
+        _score_module().main(
+            ["--config", str(REPO / "launch/recipes/tiny.yaml"), "--ablate", "--options", "a", "b"]
+        )
     assert exit_info.value.code == 2
     assert "--options gives the answers of the --eval-data rows" in capsys.readouterr().err
 
@@ -484,8 +494,8 @@ def test_cli_refuses_bad_percents(flags, capsys):
 
 
 def test_cli_refuses_an_eval_file_without_rows(tmp_path):
-    from flexkd_ds.config import load_config
-    from flexkd_ds.scoring import run_ablate
+    from flexkd_ds.inputs.config import load_config
+    from flexkd_ds.jobs.score import run_ablate
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -1,4 +1,4 @@
-"""Tests of flexkd_ds.config: schema, loading, overrides, errors, CLI, and the DeepSpeed dict helpers."""
+"""Tests of flexkd_ds.inputs.config: schema, loading, overrides, errors, CLI, and the DeepSpeed dict helpers."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flexkd_ds import config as C
-from flexkd_ds import ds_config as D
-from flexkd_ds.config import ConfigError, DistillConfig, load_config
+from flexkd_ds.inputs import config as C
+from flexkd_ds.inputs.config import ConfigError, DistillConfig, load_config
+from flexkd_ds.runtime import ds_config as D
 
-ROOT = Path(C.__file__).resolve().parent.parent
+ROOT = Path(C.__file__).resolve().parents[2]
 DS_FILES = sorted((ROOT / "ds_configs").glob("*.json"))
 RECIPES = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
 
@@ -71,7 +71,7 @@ def test_configs_are_frozen_and_mutable_defaults_are_not_shared():
 
 
 def test_logit_loss_choices_match_losses_module():
-    losses = pytest.importorskip("flexkd_ds.losses")
+    losses = pytest.importorskip("flexkd_ds.method.losses")
     choices = C.get_args(C._hints(C.LossConfig)["logit_loss"])
     assert set(choices) == set(losses.LOGIT_DIVERGENCES) | {"none"}
 

@@ -1,4 +1,4 @@
-"""Correlation loss reference (flexkd_ds.losses) against a float64 textbook Pearson written out here."""
+"""Correlation loss reference (flexkd_ds.method.losses) against a float64 textbook Pearson written out here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from flexkd_ds.losses import (
+from flexkd_ds.method.losses import (
     MOMENT_NAMES,
     combine_moments,
     correlation_from_moments,

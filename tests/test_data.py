@@ -1,4 +1,4 @@
-"""Tests for flexkd_ds.data (loading, rendering, masking, batching, sampling) and flexkd_ds.synthetic."""
+"""Tests for flexkd_ds.inputs.data (loading, rendering, masking, batching, sampling) and flexkd_ds.inputs.synthetic."""
 
 from __future__ import annotations
 
@@ -12,20 +12,19 @@ import pandas as pd
 import pytest
 import torch
 
-from flexkd_ds import data
-from flexkd_ds.data import (
+from flexkd_ds.inputs import data
+from flexkd_ds.inputs.data import (
     DataError,
     InstructionDataset,
     InstructionRow,
-    ResumableDistributedSampler,
     collate,
     encode_example,
     load_instruction_rows,
     pad_token_id,
     render_prompt,
-    shard_for_scoring,
 )
-from flexkd_ds.synthetic import synthetic_instructions, write_jsonl
+from flexkd_ds.inputs.synthetic import synthetic_instructions, write_jsonl
+from flexkd_ds.runtime.sampling import ResumableDistributedSampler, shard_for_scoring
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 INSTRUCT = SHARED / "data" / "instruct"
@@ -269,7 +268,7 @@ def test_skip_mode_counts_and_reports(tmp_path, cache, caplog):
     kinds = sorted(BAD_LINES)
     lines = [GOOD] + [BAD_LINES[k][0] for k in kinds] + [GOOD, GOOD]
     path = _write_jsonl_text(tmp_path / "mixed.jsonl", lines)
-    with caplog.at_level(logging.WARNING, logger="flexkd_ds.data"):
+    with caplog.at_level(logging.WARNING, logger="flexkd_ds.inputs.data"):
         loaded = load_instruction_rows(path, on_bad_row="skip", cache_dir=cache)
     assert len(loaded) == 3 and loaded.num_bad == len(kinds)
     assert [r.row_number for r in loaded] == [1, len(lines) - 1, len(lines)]

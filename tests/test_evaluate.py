@@ -17,9 +17,11 @@ from _helpers import REPO, job_command, job_env
 from rouge_score import rouge_scorer
 from transformers import AutoTokenizer
 
-from flexkd_ds import data
-from flexkd_ds.byte_tokenizer import byte_tokenizer
-from flexkd_ds.evaluate import (
+from flexkd_ds.evaluation.generation import filtered_probs, generate
+from flexkd_ds.inputs import data
+from flexkd_ds.inputs.byte_tokenizer import byte_tokenizer
+from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
+from flexkd_ds.jobs.evaluate import (
     EvalOptions,
     EvalRow,
     NLLResult,
@@ -31,8 +33,6 @@ from flexkd_ds.evaluate import (
     rouge_l,
     run_evaluate,
 )
-from flexkd_ds.generation import filtered_probs, generate
-from flexkd_ds.models import build_causal_lm_from_config, tiny_config
 
 INSTRUCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"

@@ -1,4 +1,4 @@
-"""Tests of flexkd_ds.importance against references written out here (float64 autograd, hand numbers)."""
+"""Tests of flexkd_ds.method.importance against references written out here (float64 autograd, hand numbers)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import flexkd_ds
-from flexkd_ds.importance import (
+from flexkd_ds.method.importance import (
     REQUIRED_METADATA,
     ImportanceAccumulator,
     ImportanceFile,

@@ -1,4 +1,4 @@
-"""Job setup without a launch (``flexkd_ds.job``): a pretrained student from a local directory, and dataset
+"""Job setup without a launch (``flexkd_ds.jobs.common``): a pretrained student from a local directory, and dataset
 columns renamed by ``data.field_map``. Single process, tiny models, seconds."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from _helpers import RECIPE
 
-from flexkd_ds import models
-from flexkd_ds.config import ConfigError, load_config
-from flexkd_ds.job import load_rows, model_specs
+from flexkd_ds.inputs import models
+from flexkd_ds.inputs.config import ConfigError, load_config
+from flexkd_ds.jobs.common import load_rows, model_specs
 
 
 def test_pretrained_student_from_local_dir(tmp_path):

@@ -1,4 +1,4 @@
-"""Triton correlation kernel vs the torch reference (``flexkd_ds.losses``) and float64 textbook math.
+"""Triton correlation kernel vs the torch reference (``flexkd_ds.method.losses``) and float64 textbook math.
 
 Runs on CPU under the Triton interpreter (``TRITON_INTERPRET=1``, set below before triton is imported);
 shapes are small because the interpreter is slow. On a GPU machine run with ``TRITON_INTERPRET=0`` to
@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed; the kernel tests need it (CPU: interpreter)")
 
-from flexkd_ds import losses, ops  # noqa: E402
 from flexkd_ds.kernels import correlation as kc  # noqa: E402
+from flexkd_ds.method import losses, ops  # noqa: E402
 
 if kc.INTERPRETED:
     DEVICE = "cpu"
@@ -310,7 +310,7 @@ def test_ops_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
-        "from flexkd_ds import ops\n"
+        "from flexkd_ds.method import ops\n"
         "t, s, u = torch.randn(6, 8), torch.randn(6, 4), torch.arange(4)\n"
         "assert ops.resolve_impl('auto', s) == 'torch'\n"
         "print(float(ops.correlation_loss(t, s, u)))\n"

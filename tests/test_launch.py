@@ -1,5 +1,5 @@
 """Tests of the multi-node launch routes (docs/cluster.md): launch/slurm/distill.sbatch with the per-node
-launcher and batch-step supervisor in flexkd_ds.launcher, and the plain ``deepspeed --hostfile`` route.
+launcher and batch-step supervisor in flexkd_ds.runtime.launcher, and the plain ``deepspeed --hostfile`` route.
 
 SLURM is faked by small executables in tests/fake_slurm put first on PATH: ``srun`` starts the per-node command
 once per "node" as processes on this machine (SLURM_NODEID=0, 1), forwards signals to them and kills the step
@@ -25,8 +25,15 @@ from pathlib import Path
 import pytest
 from _helpers import RECIPE, REPO, free_port, job_env, kill_tree, read_metrics
 
-from flexkd_ds import launcher
-from flexkd_ds.launcher import LaunchError, NodeLayout, gpus_per_node, port_for_job, script_args, slurm_layout
+from flexkd_ds.runtime import launcher
+from flexkd_ds.runtime.launcher import (
+    LaunchError,
+    NodeLayout,
+    gpus_per_node,
+    port_for_job,
+    script_args,
+    slurm_layout,
+)
 
 SLURM_DIR = REPO / "launch" / "slurm"
 SBATCH = SLURM_DIR / "distill.sbatch"

@@ -1,4 +1,4 @@
-"""Logit divergences, LM loss, CKA and the projector baseline (flexkd_ds.losses) against float64 textbook
+"""Logit divergences, LM loss, CKA and the projector baseline (flexkd_ds.method.losses) against float64 textbook
 formulas written out in this file."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flexkd_ds.losses import (
+from flexkd_ds.method.losses import (
     LOGIT_DIVERGENCES,
     Projector,
     cka_loss,

@@ -1,4 +1,4 @@
-"""Tests for flexkd_ds.models: sources, loading, tiny/narrow configs, introspection, pair checks.
+"""Tests for flexkd_ds.inputs.models: sources, loading, tiny/narrow configs, introspection, pair checks.
 
 Everything uses tiny random models built from configs except ``test_real_smollm2_gguf`` (the real GGUF).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexkd_ds.models import (
+from flexkd_ds.inputs.models import (
     ModelSource,
     PairReport,
     build_causal_lm_from_config,
@@ -32,7 +32,9 @@ from flexkd_ds.models import (
     vocab_size,
 )
 
-GPT2_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"  # ../shared beside the repo
+GPT2_TOKENIZER_DIR = (
+    Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
+)  # ../shared beside the repo
 GPT2_VOCAB = 50257
 
 

@@ -1,4 +1,4 @@
-"""Tests of the dry-run planner (flexkd_ds.plan, flexkd_ds.memory, launch/plan.py). Meta device only: fast.
+"""Tests of the dry-run planner (flexkd_ds.jobs.plan, flexkd_ds.runtime.memory, launch/plan.py). Meta device only: fast.
 
 References are independent of the module: parameter counts written out from each architecture's published
 hyper-parameters, ZeRO byte counts from the ZeRO paper's formulas typed in here, activation bytes per layer
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from flexkd_ds import memory as M
-from flexkd_ds import plan as P
-from flexkd_ds.config import load_config
+from flexkd_ds.inputs.config import load_config
+from flexkd_ds.jobs import plan as P
+from flexkd_ds.runtime import memory as M
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "launch" / "recipes").glob("*.yaml"))
@@ -112,7 +112,7 @@ def test_config_lookup_order(tmp_path):
     assert P.shipped_config_path("gpt2") == P.MODEL_CONFIG_DIR / "openai-community--gpt2.json"  # legacy id
     assert P.shipped_config_path("smollm2-135m-instruct").name == "HuggingFaceTB--SmolLM2-135M-Instruct.json"
     assert P.shipped_config_path("someone/unknown-7b") is None
-    from flexkd_ds.models import tiny_config
+    from flexkd_ds.inputs.models import tiny_config
 
     local = tmp_path / "sft-teacher"
     tiny_config(

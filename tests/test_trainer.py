@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flexkd_ds.trainer import lr_multiplier, trim_metrics
+from flexkd_ds.jobs.distill import lr_multiplier, trim_metrics
 
 
 def written_out_schedule(step, warmup, total, kind, floor):

@@ -1,4 +1,4 @@
-"""Instruction data: loading, prompt rendering, response-masked tokenisation, batching and sampling.
+"""Instruction data: loading, prompt rendering, response-masked tokenisation and batching.
 
 Pipeline::
 
@@ -6,9 +6,8 @@ Pipeline::
     render_prompt(row, tokenizer, style) -> str                      # Alpaca template ("plain") or chat template
     encode_example(prompt, response, ...) -> {"input_ids", "labels"} # labels already shifted, -100 off-response
     InstructionDataset(rows, tokenizer, ...) + collate(batch, pad_id) -> (B, T) tensors
-    ResumableDistributedSampler / shard_for_scoring                  # which rows each rank sees
 
-Nothing here imports torch.distributed: ranks and world sizes are plain ints.
+Which rows each rank sees is ``flexkd_ds.runtime.sampling``; nothing here knows about ranks.
 """
 
 from __future__ import annotations
@@ -547,7 +546,3 @@ def collate(
         "labels": labels,
         "loss_mask": labels != IGNORE_INDEX,
     }
-
-
-# The samplers live in sampling.py; re-exported here for the data API.
-from .sampling import ResumableDistributedSampler, shard_for_scoring  # noqa: E402, F401

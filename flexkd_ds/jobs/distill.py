@@ -17,9 +17,22 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, importance
-from .config import DistillConfig, dump_yaml
-from .engine import (
+from flexkd_ds.inputs import data
+from flexkd_ds.inputs.config import DistillConfig, dump_yaml
+from flexkd_ds.jobs.common import (
+    check_models,
+    existing_importance,
+    model_specs,
+    setup_logging,
+    teacher_engine,
+    train_dataset,
+)
+from flexkd_ds.jobs.score import feature_rows, score_teacher, summarize, write_importance
+from flexkd_ds.method import importance
+from flexkd_ds.method.losses import Projector, lm_loss
+from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
+from flexkd_ds.runtime import sampling
+from flexkd_ds.runtime.engine import (
     DistEnv,
     HeadInput,
     all_reduce_sum,
@@ -37,10 +50,6 @@ from .engine import (
     set_rng_state,
     sharded_init,
 )
-from .job import check_models, existing_importance, model_specs, setup_logging, teacher_engine, train_dataset
-from .losses import Projector, lm_loss
-from .objective import ObjectiveWeights, micro_objective
-from .scoring import feature_rows, score_teacher, summarize, write_importance
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -169,7 +178,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
 
     s_engine = build_student_engine(module, s_ds, optimizer_factory, lr_multiplier(t))
-    sampler = data.ResumableDistributedSampler(
+    sampler = sampling.ResumableDistributedSampler(
         len(dataset), rank=env.rank, world_size=env.world_size, seed=cfg.seed
     )
     ckpt_dir = out / "checkpoints"
@@ -312,7 +321,7 @@ def validation_loss(s_engine, valid_set, env: DistEnv, pad_id: int, batch_size: 
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
     s_engine.eval()
     with torch.no_grad():
-        for positions in data.shard_for_scoring(len(valid_set), env.rank, env.world_size, batch_size):
+        for positions in sampling.shard_for_scoring(len(valid_set), env.rank, env.world_size, batch_size):
             batch = data.collate([None if p is None else valid_set[p] for p in positions], pad_id)
             batch = {k: v.to(env.device) for k, v in batch.items()}
             logits, _, _ = s_engine(batch["input_ids"], batch["attention_mask"])

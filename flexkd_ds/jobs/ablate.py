@@ -36,8 +36,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import data, importance
-from .evaluate import mean_std, response_nll
+from flexkd_ds.inputs import data
+from flexkd_ds.jobs.evaluate import mean_std, response_nll
+from flexkd_ds.method import importance
 
 DEFAULT_PERCENTS = (5.0, 10.0, 20.0, 50.0)
 KINDS = ("top", "bottom", "random")
@@ -267,7 +268,9 @@ def choice_options(row: data.InstructionRow, shared: Sequence[str] | None = None
     if not isinstance(options, list | tuple) or not all(isinstance(o, str) and o.strip() for o in options):
         raise data.DataError(f"{where}: 'options' must be a list of non-empty strings, got {options!r:.80}")
     if len(set(options)) < 2 or len(set(options)) != len(options):
-        raise data.DataError(f"{where}: 'options' needs two or more distinct answers, got {list(options)!r:.80}")
+        raise data.DataError(
+            f"{where}: 'options' needs two or more distinct answers, got {list(options)!r:.80}"
+        )
     if row.references[0] not in options:
         raise data.DataError(
             f"{where}: the answer {row.references[0]!r:.40} is not among 'options' {list(options)!r:.80}"

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data
-from .generation import generate  # noqa: F401  (re-exported: the evaluation API in one place)
+from flexkd_ds.evaluation.generation import generate  # noqa: F401  (re-exported: the evaluation API in one place)
+from flexkd_ds.inputs import data
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -277,7 +277,7 @@ def run_evaluate(opts: EvalOptions) -> dict | None:
     resolved. ``zero3``: run under ``deepspeed``; each model is sharded as a ZeRO-3 inference engine, the
     prompts and NLL rows are split over ranks (padded so every rank calls generate / forward equally often).
     """
-    from . import models
+    from flexkd_ds.inputs import models
 
     sets = {name: _instruction_rows(path, opts.max_rows, f"--data {name}") for name, path in opts.sets}
     sources = {}
@@ -288,7 +288,7 @@ def run_evaluate(opts: EvalOptions) -> dict | None:
             raise type(err)(f"--model {name}={text}: {err}") from err
     env = None
     if opts.zero3:
-        from .engine import init_distributed
+        from flexkd_ds.runtime.engine import init_distributed
 
         env = init_distributed()
     is_main = env is None or env.is_main
@@ -365,8 +365,8 @@ def _protocol(opts: EvalOptions) -> dict:
 
 
 def _tokenizer(opts: EvalOptions, source):
-    from . import models
-    from .byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
+    from flexkd_ds.inputs import models
+    from flexkd_ds.inputs.byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
 
     if opts.tokenizer == BYTE_TOKENIZER_NAME:
         return byte_tokenizer()
@@ -375,10 +375,10 @@ def _tokenizer(opts: EvalOptions, source):
 
 def _load_model(opts: EvalOptions, source, env):
     """(module to call, engine or None): a ZeRO-3 inference engine's module, or a plain model on the device."""
-    from . import models
+    from flexkd_ds.inputs import models
 
     if env is not None:
-        from . import engine
+        from flexkd_ds.runtime import engine
 
         ds_dict = engine.deepspeed_dict(opts.ds_config, micro_batch_size=opts.batch_size, grad_accum=1,
                                         world_size=env.world_size, dtype=opts.dtype)  # fmt: skip
@@ -399,7 +399,7 @@ def _my_share(n: int, env) -> tuple[list[int], int]:
 
 
 def _split_nll(model, tokenizer, rows: Sequence[EvalRow], opts: EvalOptions, env) -> NLLResult:
-    from .models import max_positions
+    from flexkd_ds.inputs.models import max_positions
 
     mine, slots = _my_share(len(rows), env)
     max_length = min(opts.max_length, max_positions(model.config) or opts.max_length)
@@ -408,7 +408,7 @@ def _split_nll(model, tokenizer, rows: Sequence[EvalRow], opts: EvalOptions, env
     result = response_nll(model, batches)
     if env is None:
         return result
-    from .engine import all_reduce_sum
+    from flexkd_ds.runtime.engine import all_reduce_sum
 
     total = all_reduce_sum(
         torch.tensor([result.nll_sum, result.tokens], dtype=torch.float64, device=env.device)
@@ -428,7 +428,7 @@ def _split_generate(model, tokenizer, rows, opts: EvalOptions, env, decoding: st
     )  # fmt: skip
     pairs = list(zip(mine, outputs, strict=False))  # drops the placeholders' outputs
     if env is not None:
-        from .engine import all_gather_objects
+        from flexkd_ds.runtime.engine import all_gather_objects
 
         pairs = [pair for part in all_gather_objects(pairs) for pair in part]
     predictions = [""] * len(rows)

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from . import __version__, data, models
-from .byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
-from .config import DistillConfig
-from .engine import DistEnv, build_teacher_engine, deepspeed_dict, engine_dtype, main_first
-from .importance import ImportanceFile, load_importance
+from flexkd_ds import __version__
+from flexkd_ds.inputs import data, models
+from flexkd_ds.inputs.byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
+from flexkd_ds.inputs.config import DistillConfig
+from flexkd_ds.method.importance import ImportanceFile, load_importance
+from flexkd_ds.runtime.engine import DistEnv, build_teacher_engine, deepspeed_dict, engine_dtype, main_first
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -123,7 +124,7 @@ def check_models(cfg: DistillConfig, teacher: ModelSpec, student: ModelSpec, tok
 def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None):
     """Instruction rows of a dataset source, or the built-in generated set."""
     if source == BUILTIN_SYNTHETIC:
-        from .synthetic import synthetic_instructions
+        from flexkd_ds.inputs.synthetic import synthetic_instructions
 
         return synthetic_instructions(cfg.data.num_synthetic, seed=cfg.seed)
     loaded = data.load_instruction_rows(

@@ -10,10 +10,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import ablation, data, importance, models
-from .config import DistillConfig
-from .engine import DistEnv, HeadInput, all_reduce_sum, barrier, gathered
-from .job import ModelSpec, importance_metadata
+from flexkd_ds.inputs import data, models
+from flexkd_ds.inputs.config import DistillConfig
+from flexkd_ds.jobs import ablate as ablation
+from flexkd_ds.jobs.common import ModelSpec, importance_metadata
+from flexkd_ds.method import importance
+from flexkd_ds.runtime import sampling
+from flexkd_ds.runtime.engine import DistEnv, HeadInput, all_reduce_sum, barrier, gathered
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -59,7 +62,7 @@ def score_teacher(
     icfg = cfg.importance
     order = scoring_order(cfg, len(dataset))
     num_examples = len(order)
-    batches = data.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
+    batches = sampling.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
     weight, bias = teacher_head(engine)
     weight, bias = weight.to(env.device), None if bias is None else bias.to(env.device)
     capture = HeadInput(engine.module)
@@ -122,8 +125,8 @@ def summarize(found: importance.ImportanceFile, top: int = 10) -> str:
 
 def run_score(cfg: DistillConfig, compare: str | None = None) -> importance.ImportanceFile:
     """The scoring job (``launch/score.py``): importance file for ``cfg``'s teacher and student width."""
-    from .engine import init_distributed
-    from .job import model_specs, setup_logging, teacher_engine, train_dataset
+    from flexkd_ds.jobs.common import model_specs, setup_logging, teacher_engine, train_dataset
+    from flexkd_ds.runtime.engine import init_distributed
 
     env = init_distributed()
     setup_logging(env)
@@ -179,8 +182,8 @@ def run_ablate(
     A classification ``eval_data`` (an ``options`` column, or ``options`` given for every row) adds the
     accuracy of the best-scoring option to every setting (``ablation.choice_set``).
     """
-    from .evaluate import _instruction_rows, eval_rows_from, nll_batches
-    from .job import existing_importance, model_specs, setup_logging, train_dataset
+    from flexkd_ds.jobs.common import existing_importance, model_specs, setup_logging, train_dataset
+    from flexkd_ds.jobs.evaluate import _instruction_rows, eval_rows_from, nll_batches
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(

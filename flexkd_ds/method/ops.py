@@ -1,4 +1,4 @@
-"""Dispatch between the plain-torch reference (``flexkd_ds.losses``) and the fused Triton kernel.
+"""Dispatch between the plain-torch reference (``flexkd_ds.method.losses``) and the fused Triton kernel.
 
 ``impl`` picks the implementation of the correlation moments:
 
@@ -21,8 +21,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from flexkd_ds import losses
-from flexkd_ds.losses import AllReduce
+from flexkd_ds.method import losses
+from flexkd_ds.method.losses import AllReduce
 
 IMPLS = ("auto", "torch", "triton")
 ENV_VAR = "FLEXKD_IMPL"

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ConfigError, _check, resolve_path, resolved_dtype
+from flexkd_ds.inputs.config import ConfigError, _check, resolve_path, resolved_dtype
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 

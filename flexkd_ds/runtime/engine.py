@@ -29,7 +29,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
-from .ds_config import fill_batch_sizes, load_ds_config, resolve_precision, zero_stage
+from flexkd_ds.runtime.ds_config import fill_batch_sizes, load_ds_config, resolve_precision, zero_stage
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 ``plan(cfg, nodes=, gpus_per_node=, gpu_mem_gib=)`` resolves the teacher and student configs without
 network (shipped ``model_configs/<org>--<name>.json`` for a hub name, else a local directory's config.json or
 GGUF metadata, else ``model.*_arch``), builds both models on the meta device (no weights), validates the pair
-and the batch layout, estimates per-GPU memory with ``flexkd_ds.memory`` from the recipe's DeepSpeed files,
+and the batch layout, estimates per-GPU memory with ``flexkd_ds.runtime.memory`` from the recipe's DeepSpeed files,
 and, when it does not fit, tries the changes in order of cost: a smaller micro-batch, more GPUs, sharding /
 offload, a shorter ``data.max_length``. ``launch/plan.py`` is the command line; docs/planning.md explains
 the report.
@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from . import memory, models
-from .config import DistillConfig
-from .ds_config import load_ds_config, resolve_precision
-from .memory import GIB, ModelShape, Workload, ZeroSetup
+from flexkd_ds.inputs import models
+from flexkd_ds.inputs.config import DistillConfig
+from flexkd_ds.runtime import memory
+from flexkd_ds.runtime.ds_config import load_ds_config, resolve_precision
+from flexkd_ds.runtime.memory import GIB, ModelShape, Workload, ZeroSetup
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "inputs" / "model_configs"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LARGE_GGUF_PARAMS = 1_000_000_000
 EXIT_FITS, EXIT_INVALID, EXIT_DOES_NOT_FIT = 0, 1, 2

@@ -5,7 +5,7 @@ construction: arithmetic (plain and word problems), sorting / reversing lists, u
 counting, string transformations and small number facts. Rows use the MiniLLM layout (``instruction``,
 ``input``, ``output``, ``prompt``) plus ``task`` (the generator's name, like MiniLLM's ``topic``).
 
-    python -m flexkd_ds.synthetic --num-rows 2000 --seed 0 --out data/synthetic_train.jsonl
+    python -m flexkd_ds.inputs.synthetic --num-rows 2000 --seed 0 --out data/synthetic_train.jsonl
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from flexkd_ds.data import format_alpaca_prompt
+from flexkd_ds.inputs.data import format_alpaca_prompt
 
 NAMES = [
     "Ava",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import losses, ops
+from flexkd_ds.method import losses, ops
 
 AllReduce = Callable[[Tensor], Tensor]
 

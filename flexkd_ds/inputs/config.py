@@ -29,7 +29,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the parent of flexkd_ds/: ds_configs/, launch/
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the parent of flexkd_ds/: ds_configs/, launch/
 RESOLVED_CONFIG_NAME = "config.resolved.yaml"
 SMOLLM2_TEACHER = "smollm2-135m-instruct"
 

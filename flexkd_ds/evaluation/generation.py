@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from .data import _tokenizer_adds_bos
-from .models import max_positions
+from flexkd_ds.inputs.data import _tokenizer_adds_bos
+from flexkd_ds.inputs.models import max_positions
 
 _SEED_STRIDE = 1_000_003  # a prime: (seed, index) -> distinct generator seeds for any realistic set size
 
