@@ -41,7 +41,7 @@ from flexkd_ds.jobs.distill import DistillStudent
 from flexkd_ds.method import ops
 from flexkd_ds.method.losses import Projector
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
-from flexkd_ds.runtime.engine import HeadInput
+from flexkd_ds.runtime.engines import HeadInput
 
 PRESETS = {
     "cpu": dict(teacher_hidden=512, student_hidden=256, layers=4, vocab=8192, batch=4, seq=128, steps=25,

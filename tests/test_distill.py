@@ -42,7 +42,7 @@ from flexkd_ds.inputs import data
 from flexkd_ds.inputs.config import load_config
 from flexkd_ds.jobs.common import model_specs, train_dataset
 from flexkd_ds.method import importance
-from flexkd_ds.runtime.engine import DistEnv
+from flexkd_ds.runtime.dist import DistEnv
 
 METRIC_KEYS = ("step", "lr", "loss", "lm", "logit", "feature", "tokens_per_s", "teacher_ms", "student_ms")
 IMPORTANCE_METADATA = ("teacher", "layer", "functional", "num_examples", "num_tokens", "d_T", "d_S", "tail_mass",
@@ -272,7 +272,7 @@ from pathlib import Path
 import torch
 
 from flexkd_ds.method import ops
-from flexkd_ds.runtime.engine import all_reduce_sum, init_distributed
+from flexkd_ds.runtime.dist import all_reduce_sum, init_distributed
 
 env = init_distributed()
 inputs_path, results_dir = sys.argv[-2:]  # the launcher puts --local_rank=N first

@@ -16,7 +16,8 @@ from flexkd_ds.inputs import data, models
 from flexkd_ds.inputs.byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.method.importance import ImportanceFile, load_importance
-from flexkd_ds.runtime.engine import DistEnv, build_teacher_engine, deepspeed_dict, engine_dtype, main_first
+from flexkd_ds.runtime.dist import DistEnv, main_first
+from flexkd_ds.runtime.engines import build_teacher_engine, deepspeed_dict, engine_dtype
 
 logger = logging.getLogger("flexkd_ds")
 

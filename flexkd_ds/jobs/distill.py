@@ -32,22 +32,21 @@ from flexkd_ds.method import importance
 from flexkd_ds.method.losses import Projector, lm_loss
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
 from flexkd_ds.runtime import sampling
-from flexkd_ds.runtime.engine import (
-    DistEnv,
-    HeadInput,
-    all_reduce_sum,
-    barrier,
-    build_student_engine,
+from flexkd_ds.runtime.checkpoints import (
     consolidated_state_dict,
-    deepspeed_dict,
-    engine_dtype,
-    init_distributed,
     latest_checkpoint,
     load_checkpoint,
-    offload_optimizer_section,
     rng_state,
     save_checkpoint,
     set_rng_state,
+)
+from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier, init_distributed
+from flexkd_ds.runtime.engines import (
+    HeadInput,
+    build_student_engine,
+    deepspeed_dict,
+    engine_dtype,
+    offload_optimizer_section,
     sharded_init,
 )
 

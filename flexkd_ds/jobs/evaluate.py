@@ -288,7 +288,7 @@ def run_evaluate(opts: EvalOptions) -> dict | None:
             raise type(err)(f"--model {name}={text}: {err}") from err
     env = None
     if opts.zero3:
-        from flexkd_ds.runtime.engine import init_distributed
+        from flexkd_ds.runtime.dist import init_distributed
 
         env = init_distributed()
     is_main = env is None or env.is_main
@@ -378,7 +378,7 @@ def _load_model(opts: EvalOptions, source, env):
     from flexkd_ds.inputs import models
 
     if env is not None:
-        from flexkd_ds.runtime import engine
+        from flexkd_ds.runtime import engines as engine
 
         ds_dict = engine.deepspeed_dict(opts.ds_config, micro_batch_size=opts.batch_size, grad_accum=1,
                                         world_size=env.world_size, dtype=opts.dtype)  # fmt: skip
@@ -408,7 +408,7 @@ def _split_nll(model, tokenizer, rows: Sequence[EvalRow], opts: EvalOptions, env
     result = response_nll(model, batches)
     if env is None:
         return result
-    from flexkd_ds.runtime.engine import all_reduce_sum
+    from flexkd_ds.runtime.dist import all_reduce_sum
 
     total = all_reduce_sum(
         torch.tensor([result.nll_sum, result.tokens], dtype=torch.float64, device=env.device)
@@ -428,7 +428,7 @@ def _split_generate(model, tokenizer, rows, opts: EvalOptions, env, decoding: st
     )  # fmt: skip
     pairs = list(zip(mine, outputs, strict=False))  # drops the placeholders' outputs
     if env is not None:
-        from flexkd_ds.runtime.engine import all_gather_objects
+        from flexkd_ds.runtime.dist import all_gather_objects
 
         pairs = [pair for part in all_gather_objects(pairs) for pair in part]
     predictions = [""] * len(rows)

@@ -16,7 +16,8 @@ from flexkd_ds.jobs import ablate as ablation
 from flexkd_ds.jobs.common import ModelSpec, importance_metadata
 from flexkd_ds.method import importance
 from flexkd_ds.runtime import sampling
-from flexkd_ds.runtime.engine import DistEnv, HeadInput, all_reduce_sum, barrier, gathered
+from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier
+from flexkd_ds.runtime.engines import HeadInput, gathered
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -126,7 +127,7 @@ def summarize(found: importance.ImportanceFile, top: int = 10) -> str:
 def run_score(cfg: DistillConfig, compare: str | None = None) -> importance.ImportanceFile:
     """The scoring job (``launch/score.py``): importance file for ``cfg``'s teacher and student width."""
     from flexkd_ds.jobs.common import model_specs, setup_logging, teacher_engine, train_dataset
-    from flexkd_ds.runtime.engine import init_distributed
+    from flexkd_ds.runtime.dist import init_distributed
 
     env = init_distributed()
     setup_logging(env)

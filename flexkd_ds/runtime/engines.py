@@ -1,5 +1,5 @@
-"""The DeepSpeed side of flexkd-ds: process group, teacher and student engines, collectives, checkpoints,
-export. The only module (with the jobs it serves) that imports deepspeed or torch.distributed.
+"""The two DeepSpeed engines: the teacher's ZeRO-3 inference engine and the student's training engine, and the
+DeepSpeed dicts they are built from.
 
 Two engines live side by side:
 
@@ -16,110 +16,15 @@ order. The jobs guarantee it by padding (scoring) and by identical step counts (
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import deepspeed
 import torch
-import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
+from flexkd_ds.runtime.dist import device_type
 from flexkd_ds.runtime.ds_config import fill_batch_sizes, load_ds_config, resolve_precision, zero_stage
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed() -> DistEnv:
-    """Join (or, under a plain ``python`` start, create) the process group and pick this rank's device.
-
-    The ``deepspeed`` launcher, ``torchrun`` and our SLURM script set RANK / WORLD_SIZE / LOCAL_RANK /
-    MASTER_ADDR / MASTER_PORT; without them this is a single-process job.
-    """
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    accelerator = get_accelerator()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if accelerator.device_name() == "cuda":
-        accelerator.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
-    device = torch.device(
-        accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
-    )
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def device_type() -> str:
-    """'cuda', 'cpu', ... : the accelerator DeepSpeed runs on."""
-    return get_accelerator().device_name()
-
-
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over all ranks, in place, and return it (the ``all_reduce`` the losses take)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s python object on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
-def all_gather_objects(obj) -> list:
-    """Every rank's python object, in rank order (``[obj]`` outside a multi-rank group)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    holder = [None] * dist.get_world_size()
-    dist.all_gather_object(holder, obj)
-    return holder
-
-
-@contextlib.contextmanager
-def main_first(env: DistEnv) -> Iterator[None]:
-    """Rank 0 runs the block first (downloads, dataset caches), then the others."""
-    if not env.is_main:
-        barrier()
-    try:
-        yield
-    finally:
-        if env.is_main:
-            barrier()
-
 
 # ----------------------------------------------------------------------------------------------- configs
 
@@ -273,87 +178,3 @@ def offload_optimizer_section(lr: float, betas, eps: float, weight_decay: float)
         "type": "AdamW",
         "params": {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay},
     }
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
-    """The tag DeepSpeed's ``latest`` file names, if that checkpoint exists (it is written last)."""
-    latest = Path(checkpoint_dir) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (Path(checkpoint_dir) / tag).is_dir() else None
-
-
-def save_checkpoint(
-    engine, checkpoint_dir: str | os.PathLike, tag: str, client_state: dict, rank_state: dict
-) -> None:
-    """A complete DeepSpeed checkpoint or none: per-rank extras go in first, ``latest`` is written last.
-
-    ``rank_state`` (RNG states, sampler position) is saved per rank as ``flexkd_rank{r}.pt``; a job killed
-    mid-save leaves ``latest`` on the previous complete checkpoint.
-    """
-    tag_dir = Path(checkpoint_dir) / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp = tag_dir / f".flexkd_rank{rank}.pt.tmp"
-    torch.save(rank_state, tmp)
-    os.replace(tmp, tag_dir / f"flexkd_rank{rank}.pt")
-    barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=True)
-    barrier()
-
-
-def load_checkpoint(engine, checkpoint_dir: str | os.PathLike, tag: str) -> tuple[dict, dict]:
-    """Load a checkpoint saved by ``save_checkpoint``; returns (client_state, this rank's rank_state)."""
-    load_path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {checkpoint_dir}")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rank_file = Path(checkpoint_dir) / tag / f"flexkd_rank{rank}.pt"
-    if not rank_file.is_file():
-        raise RuntimeError(
-            f"{rank_file} is missing: the checkpoint was written by a job with a different number of ranks "
-            "or is incomplete; resume with the same world size or set train.resume=never"
-        )
-    rank_state = torch.load(rank_file, weights_only=False)
-    return client_state or {}, rank_state
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-# ----------------------------------------------------------------------------------------------- export
-
-
-def consolidated_state_dict(engine) -> dict[str, Tensor] | None:
-    """Full 16-bit (or fp32 on CPU) weights of the engine's module on rank 0; None on other ranks.
-
-    Under ZeRO-3 this gathers the partitions (needs ``stage3_gather_16bit_weights_on_model_save``); below
-    stage 3 every rank already holds the full module.
-    """
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return state if dist.get_rank() == 0 else None
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
