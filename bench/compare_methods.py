@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from flexkd_ds.evaluation import metrics as evaluate
 from flexkd_ds.evaluation.generation import generate
 from flexkd_ds.inputs import data, models
-from flexkd_ds.jobs import evaluate
 from flexkd_ds.method import importance, losses
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
 

@@ -24,7 +24,8 @@ classification set: the accuracy of the best-scoring option is reported beside t
 import argparse
 
 from flexkd_ds.inputs.config import ConfigError, build_arg_parser, load_config
-from flexkd_ds.jobs.score import run_ablate, run_score
+from flexkd_ds.jobs.ablate import run_ablate
+from flexkd_ds.jobs.score import run_score
 
 
 def percent(text: str) -> float:

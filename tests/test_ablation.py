@@ -15,10 +15,10 @@ import pytest
 import torch
 from _helpers import REPO, SCORE, run_job
 
+from flexkd_ds.evaluation import ablation
 from flexkd_ds.inputs import data
 from flexkd_ds.inputs.byte_tokenizer import byte_tokenizer
 from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
-from flexkd_ds.jobs import ablate as ablation
 from flexkd_ds.method.importance import ImportanceFile
 
 INSTRUCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
@@ -495,7 +495,7 @@ def test_cli_refuses_bad_percents(flags, capsys):
 
 def test_cli_refuses_an_eval_file_without_rows(tmp_path):
     from flexkd_ds.inputs.config import load_config
-    from flexkd_ds.jobs.score import run_ablate
+    from flexkd_ds.jobs.ablate import run_ablate
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

@@ -18,21 +18,18 @@ from rouge_score import rouge_scorer
 from transformers import AutoTokenizer
 
 from flexkd_ds.evaluation.generation import filtered_probs, generate
-from flexkd_ds.inputs import data
-from flexkd_ds.inputs.byte_tokenizer import byte_tokenizer
-from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
-from flexkd_ds.jobs.evaluate import (
-    EvalOptions,
+from flexkd_ds.evaluation.metrics import (
     EvalRow,
     NLLResult,
     load_eval_rows,
     nll_batches,
-    parse_named,
-    prediction_path,
     response_nll,
     rouge_l,
-    run_evaluate,
 )
+from flexkd_ds.inputs import data
+from flexkd_ds.inputs.byte_tokenizer import byte_tokenizer
+from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
+from flexkd_ds.jobs.evaluate import EvalOptions, parse_named, prediction_path, run_evaluate
 
 INSTRUCT = Path(__file__).resolve().parents[2] / "shared" / "data" / "instruct"
 GPT2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
