@@ -15,9 +15,7 @@ import torch
 
 from flexkd_ds.inputs.models import (
     ModelSource,
-    PairReport,
     build_causal_lm_from_config,
-    check_pair,
     ensure_pad_token,
     head_weight_and_bias,
     lm_head_input_size,
@@ -31,6 +29,7 @@ from flexkd_ds.inputs.models import (
     tiny_config,
     vocab_size,
 )
+from flexkd_ds.inputs.pairs import PairReport, check_pair
 
 GPT2_TOKENIZER_DIR = (
     Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"

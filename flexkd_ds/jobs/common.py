@@ -12,7 +12,7 @@ import torch
 from transformers import PretrainedConfig
 
 from flexkd_ds import __version__
-from flexkd_ds.inputs import data, models
+from flexkd_ds.inputs import data, models, pairs
 from flexkd_ds.inputs.byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.method.importance import ImportanceFile, load_importance
@@ -107,7 +107,7 @@ def _arch_name(arch: dict) -> str:
 def check_models(cfg: DistillConfig, teacher: ModelSpec, student: ModelSpec, tokenizer) -> None:
     """Refuse an unusable pair before anything heavy runs (vocab, tokenizer, d_S < d_T, max_length)."""
     loss = cfg.loss
-    report = models.check_pair(
+    report = pairs.check_pair(
         teacher.config,
         student.config,
         tokenizer,

@@ -1,0 +1,90 @@
+"""The layout's import rules (docs/architecture.md), checked on the source: which part may import which."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "flexkd_ds"
+PARTS = ("method", "inputs", "runtime", "evaluation", "jobs")
+DISTRIBUTED = ("deepspeed", "torch.distributed")
+
+# part -> the flexkd_ds parts and third-party roots it must never import (at module level or in a function)
+FORBIDDEN = {
+    "method": ("flexkd_ds.runtime", "flexkd_ds.evaluation", "flexkd_ds.jobs", *DISTRIBUTED),
+    "inputs": (
+        "flexkd_ds.method",
+        "flexkd_ds.runtime",
+        "flexkd_ds.evaluation",
+        "flexkd_ds.jobs",
+        *DISTRIBUTED,
+    ),
+    "evaluation": ("flexkd_ds.runtime", "flexkd_ds.jobs", *DISTRIBUTED),
+    "runtime": ("flexkd_ds.method", "flexkd_ds.evaluation", "flexkd_ds.jobs"),
+    "jobs": (),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an ``import`` / ``from ... import`` statement in ``path`` names (``from a import b`` gives
+    ``a`` and ``a.b``, so ``from flexkd_ds import jobs`` is caught)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, (
+                f"{path}: relative import; the layout uses absolute flexkd_ds.<part> imports"
+            )
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def modules_of(part: str) -> list[Path]:
+    return sorted((PACKAGE / part).glob("*.py"))
+
+
+def test_every_part_exists_and_every_file_belongs_to_one():
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(PARTS)
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py", "launcher.py"]  # launcher.py: the stable `python -m flexkd_ds.launcher`
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_import_rules(part):
+    for path in modules_of(part):
+        bad = sorted(
+            m
+            for m in imported_modules(path)
+            for root in FORBIDDEN[part]
+            if m == root or m.startswith(root + ".")
+        )
+        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}, which {part}/ must not"
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_every_module_says_what_it_is_for(part):
+    for path in modules_of(part):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        assert doc and len(doc.splitlines()[0]) > 10, f"{path}: no one-line purpose at the top"
+
+
+def test_the_pure_parts_load_without_deepspeed():
+    """Transitively too: importing every module of method/, inputs/ and evaluation/ leaves deepspeed and
+    torch.distributed's process-group module unloaded."""
+    names = [
+        f"flexkd_ds.{part}.{p.stem}" for part in ("method", "inputs", "evaluation") for p in modules_of(part)
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m == 'deepspeed' or m.startswith('deepspeed.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[-2000:]
