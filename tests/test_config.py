@@ -119,7 +119,7 @@ def test_file_then_overrides_and_partial_sections(tmp_path):
         ("train:\n  max_step: 3\n", ["'train.max_step'", "did you mean 'train.max_steps'"]),
         ("train:\n  lr: fast\n", ["train.lr='fast'", "expected float"]),
         ("train: 3\n", ["train=3 (int): expected mapping"]),
-        ("train:\n  lr: 1\n  lr: 2\n", ["duplicate key 'lr'"]),
+        ("train:\n  lr: 1\n  lr: 2\n", ["found duplicate key lr"]),  # OmegaConf's YAML loader says so
         ("- 1\n- 2\n", ["must hold a mapping"]),
         ("train: [unclosed\n", ["cannot parse config file"]),
     ],
@@ -168,6 +168,27 @@ def test_override_types(override, get, expected):
         return
     value = get(load_config(None, [override]))
     assert value == expected and type(value) is type(expected)
+
+
+def test_dict_fields_given_whole_replace_their_default_and_nested_keys_merge(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  student_arch: {from_teacher: true, hidden_size: 64}\n")
+    assert load_config(path).model.student_arch == {"from_teacher": True, "hidden_size": 64}
+    arch = load_config(path, ["model.student_arch.num_layers=2"]).model.student_arch
+    assert arch == {"from_teacher": True, "hidden_size": 64, "num_layers": 2}
+    # a null dict field starts from its default (None for teacher_arch) when a key inside it is set
+    cfg = load_config(None, ["model.teacher=null", "model.teacher_arch.hidden_size=512"])
+    assert cfg.model.teacher_arch == {"hidden_size": 512}
+    assert load_config(None, ["data.field_map.output=response"]).data.field_map == {"output": "response"}
+
+
+def test_file_values_keep_their_yaml_types(tmp_path):
+    """OmegaConf would read these as 'False' and 3; a config refuses them instead of guessing."""
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  resume: no\n")
+    assert "train.resume=False (bool): expected str (quote it to make it a string)" in error_of([], path)
+    path.write_text("train:\n  max_steps: '3'\n")
+    assert "train.max_steps='3' (str): expected int" in error_of([], path)
 
 
 @pytest.mark.parametrize(
@@ -295,7 +316,8 @@ def test_parse_args(tmp_path, capsys):
     path.write_text("train:\n  max_steps: 7\n")
     cfg = C.parse_args(["--config", str(path), "train.lr=0.01", "--local_rank=0"], prog="distill")
     assert (cfg.train.max_steps, cfg.train.lr) == (7, 0.01)
-    assert "model.student_arch" in C.build_arg_parser("distill", "d").format_help()
+    help_text = C.build_arg_parser("distill", "d").format_help()
+    assert "model.student_arch" in help_text and "model.student_arch.hidden_size=16" in help_text
     cfg, extra = C.parse_args(
         ["--compare", "a.safetensors", "seed=1"], extra_args=[("--compare", "other file")]
     )

@@ -1,10 +1,21 @@
-"""Configuration of the distill / score / evaluate jobs: typed, frozen, validated. Pure python + yaml.
+"""Configuration of the distill / score / evaluate jobs: typed, frozen, validated; loaded with OmegaConf.
 
 A config is the built-in defaults, then a YAML/JSON file, then ``key=value`` overrides with dotted keys
-(``train.max_steps=20 loss.feature_loss=cka``; values parsed by ``yaml.safe_load``). Unknown keys, wrong
-types, out-of-range values and contradicting options raise ``ConfigError`` naming the dotted key and the
-file or override behind it. Help texts and numeric bounds live in each field's metadata; ``config_help()``
-lists them (the ``--help`` epilog of every job).
+(``train.max_steps=20 loss.feature_loss=cka``; values are YAML). A section given whole (``loss={alpha: 0.5}``)
+merges into it; a dict field given whole (``model.student_arch``, in a file or an override) replaces its
+default, and ``model.student_arch.num_layers=2`` sets one entry of it. Unknown keys, wrong types, out-of-range
+values and contradicting options raise ``ConfigError`` naming the dotted key and the file or override behind
+it. Help texts and numeric bounds live in each field's metadata; ``config_help()`` lists them (the ``--help``
+epilog of every job).
+
+Why OmegaConf: its structured configs are built from these dataclasses, its dotlist is our ``key=value``
+syntax, and torchtune and Hydra users know it; jsonargparse (litgpt's choice) would turn the overrides into
+``--key value``. OmegaConf >= 2.4 holds the schema and defaults, reads YAML (duplicate keys refused, ``1e-4``
+a float) and override values, and rejects unknown keys, wrong tuples and dicts and bad ``Literal`` choices
+(2.4 checks ``Literal`` itself, so the fields keep it: no str view or Enums needed). Left here: bounds,
+cross-field checks, help, "did you mean", and strict scalars: OmegaConf would turn ``'5'`` into 5, ``1`` or
+``yes`` into True and ``no`` into ``'False'``, so a value must have its field's type (an int may stand for a
+float), and an override of a str field keeps its text (``output_dir=2024``, ``train.resume=no``).
 
 DeepSpeed JSON files (``ds_configs/``) hold DeepSpeed settings only: ``ds_config.load_ds_config`` refuses batch sizes
 and the keys the jobs own; ``fill_batch_sizes`` is the one place batch sizes are set and checked;
@@ -22,12 +33,14 @@ import math
 import os
 import textwrap
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the parent of flexkd_ds/: ds_configs/, launch/
 RESOLVED_CONFIG_NAME = "config.resolved.yaml"
@@ -319,7 +332,8 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any]) -> DistillConfig:
         """Build from a nested mapping; missing keys take their defaults, unknown keys are errors."""
-        return _build(cls, mapping)
+        _check(isinstance(mapping, Mapping), (), f"the config must be a mapping of keys; got {mapping!r}")
+        return _compose([("", mapping, "")])
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (lists, no tuples) that YAML/JSON can write and ``from_dict`` reads back."""
@@ -327,22 +341,14 @@ class DistillConfig:
 
     def replace(self, **changes: Any) -> DistillConfig:
         """A validated copy; keys may be dotted: ``cfg.replace(**{"train.max_steps": 5}, seed=0)``."""
-        raw = self.to_dict()
-        for key, value in changes.items():
-            _set_dotted(
-                raw, key, _plain(asdict(value)) if is_dataclass(value) else value, f" in replace({key})"
-            )
-        return DistillConfig.from_dict(raw)
+        layers = [(key, value, f" in replace({key})") for key, value in changes.items()]
+        return _compose([("", self.to_dict(), ""), *layers])
 
 
 # ----------------------------------------------------------------------------- type and range checks
 def _check(ok: bool, keys: str | Sequence[str], message: str) -> None:
     if not ok:
         raise ConfigError(message, keys)
-
-
-def _key(obj: Any, name: str) -> str:
-    return f"{obj._section}.{name}" if obj._section else name
 
 
 def _check_arch(key: str, arch: dict) -> None:
@@ -375,46 +381,35 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else "mapping" if is_dataclass(tp) else tp.__name__
 
 
-class _Mismatch(Exception):
-    pass
+def _type_error(key: str, value: Any, tp: Any, where: str = "") -> ConfigError:
+    """``key=value (type): expected <tp>``, suggesting the closest ``Literal`` choice or quotes for a str."""
+    options = (tp, *get_args(tp))
+    choices = [c for t in options if get_origin(t) is Literal for c in get_args(t)]
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    if isinstance(value, (bool, int, float)) and str in options:
+        hint = " (quote it to make it a string)"
+    message = f"{key}={value!r} ({type(value).__name__}): expected {_type_name(tp)}{hint}{where}"
+    return ConfigError(message, key)
 
 
-def _coerce(value: Any, tp: Any) -> Any:
-    """``value`` as ``tp`` (int -> float, list -> tuple, mapping -> section), else ``_Mismatch``."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg)
-            except _Mismatch:
-                pass
-    elif origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-    elif is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, Mapping):
-            return _build(tp, value)
-    elif tp in (bool, str) or (tp is int and not isinstance(value, bool)):
-        if isinstance(value, tp):
-            return value
-    elif tp is float and not isinstance(value, bool):
-        try:  # strings too: YAML 1.1 reads 1e-6 (no dot) as a string
-            number = float(value) if isinstance(value, (int, float, str)) else math.nan
-        except ValueError:
-            number = math.nan
-        if math.isfinite(number):
-            return number
-    elif tp is dict:
-        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-            return copy.deepcopy(dict(value))
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
-    raise _Mismatch
+_SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}  # the value types each one takes
+
+
+def _scalar(tp: Any) -> tuple[type, ...] | None:
+    """The value types a scalar field takes (NoneType too where it is Optional); None for other fields."""
+    options = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+    taken = [t for o in options if o in _SCALARS for t in _SCALARS[o]]
+    return (*taken, *(o for o in options if o is type(None))) if taken else None
+
+
+def _check_scalar(key: str, value: Any, tp: Any, where: str = "") -> Any:
+    """``value`` checked for a scalar field (any other field passes). OmegaConf would convert '5' -> 5, 1 or
+    'yes' -> True and 2024 -> '2024'; here a value keeps the type its YAML gave it, save int -> float."""
+    taken = _scalar(tp)
+    if taken is not None and type(value) not in taken:
+        raise _type_error(key, value, tp, where)
+    return float(value) if taken and float in taken and type(value) is int else value
 
 
 _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
@@ -422,22 +417,31 @@ _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
 
 
 def _validate_fields(obj: Any) -> None:
-    """Type-check and normalise every field: types, non-empty strings, metadata bounds."""
-    for f in fields(obj):
-        value, tp, key = getattr(obj, f.name), _hints(type(obj))[f.name], _key(obj, f.name)
-        try:
-            value = _coerce(value, tp)
-        except _Mismatch:
-            choices = [a for t in (tp, *get_args(tp)) if get_origin(t) is Literal for a in get_args(t)]
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            if isinstance(value, (int, float)) and tp in (str, str | None):
-                hint = " (quote it to make it a string)"
+    """Check and normalise the fields of a section however it was built (the loader, or by hand): scalars
+    here, strictly; Literal, tuple and dict fields by OmegaConf (list -> tuple); then non-empty strings,
+    finite floats and the metadata bounds. Nested sections check themselves."""
+    hints, prefix = _hints(type(obj)), f"{obj._section}." if obj._section else ""
+    by_omegaconf = [n for n, tp in hints.items() if _scalar(tp) is None and not is_dataclass(tp)]
+    try:
+        typed = OmegaConf.to_container(OmegaConf.structured(obj)) if by_omegaconf else {}
+    except OmegaConfBaseException as e:
+        name = str(e.full_key).split(".")[0]
+        if name not in hints:
             raise ConfigError(
-                f"{key}={value!r} ({type(value).__name__}): expected {_type_name(tp)}{hint}", key
+                f"{prefix[:-1] or 'the config'}: {str(e).splitlines()[0]}", prefix[:-1]
             ) from None
+        raise _type_error(prefix + name, getattr(obj, name), hints[name]) from None
+    for f in fields(obj):
+        key, value, tp = prefix + f.name, getattr(obj, f.name), hints[f.name]
+        if is_dataclass(tp):
+            _check(isinstance(value, tp), key, f"{key} must be a {tp.__name__}; got {value!r}")
+            continue
+        value = typed[f.name] if f.name in by_omegaconf else _check_scalar(key, value, tp)
         object.__setattr__(obj, f.name, value)
         _check(not isinstance(value, str) or value.strip() != "", key, f"{key} must not be empty")
+        _check(
+            not isinstance(value, float) or math.isfinite(value), key, f"{key} must be finite, not {value}"
+        )
         for bound, (op, ok) in _BOUNDS.items():
             if bound in f.metadata and value is not None:
                 for v in value if isinstance(value, tuple) else (value,):
@@ -462,110 +466,130 @@ def _unknown(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{where}{hint}", key)
 
 
-def _build(cls: Any, mapping: Any) -> Any:
-    section = cls._section or "the config"
-    _check(isinstance(mapping, Mapping), section, f"{section} must be a mapping of keys; got {mapping!r}")
-    hints = _hints(cls)
-    for k in mapping:
-        if k not in hints:
-            raise _unknown(f"{cls._section}.{k}" if cls._section else str(k), "")
-    kwargs = {k: {} if v is None and is_dataclass(hints[k]) else v for k, v in mapping.items()}
-    if cls is ModelConfig:  # giving one of a pair displaces the *default* of the other
-        for pair in (("teacher", "teacher_arch"), ("student", "student_arch")):
-            for given, other in (pair, pair[::-1]):
-                if kwargs.get(given) is not None and other not in kwargs:
-                    kwargs[other] = None
-    return cls(**kwargs)
-
-
-def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
-    """``raw[a][b]... = value`` for a dotted key checked against the schema. Inside a dict-typed field
-    (``model.student_arch.num_layers=4``) keys are free and the dict starts from the field's default."""
-    cls: Any = DistillConfig  # None once inside a dict-typed field
-    node, parts = raw, key.split(".")
-    for i, part in enumerate(parts):
-        tp = _hints(cls).get(part, MISSING) if cls is not None else None
-        if tp is MISSING or (
-            cls is not None and i < len(parts) - 1 and not is_dataclass(tp) and dict not in get_args(tp)
-        ):
-            raise _unknown(key, where)
-        if i == len(parts) - 1:  # a whole section given as a mapping merges into what is there
-            merge = is_dataclass(tp) and isinstance(value, dict) and isinstance(node.get(part), dict)
-            node[part] = {**node[part], **value} if merge else value
-            return
-        if node.get(part) is None:
-            f = next((f for f in fields(cls) if f.name == part), None) if cls is not None else None
-            default = (
-                f.default_factory() if f and not is_dataclass(tp) and f.default_factory is not MISSING else {}
-            )
-            node[part] = default if isinstance(default, dict) else {}
-        if not isinstance(node[part], dict):
-            raise ConfigError(f"cannot set {key}{where}: {'.'.join(parts[: i + 1])} is not a mapping", key)
-        node, cls = node[part], (tp if is_dataclass(tp) else None)
-
-
-def _field_type(key: str) -> Any:
+def _field(key: str) -> tuple[str, Any]:
+    """The schema field that ``key`` names or lies inside (an entry of a dict-typed field): its dotted key and
+    type. The root ``""`` and the sections give their class; an unknown name gives the type None."""
     tp: Any = DistillConfig
-    for part in key.split("."):
-        tp = _hints(tp).get(part) if is_dataclass(tp) else None
-    return tp
+    parts = key.split(".") if key else []
+    for i, part in enumerate(parts):
+        if not is_dataclass(tp):
+            return ".".join(parts[:i]), tp
+        tp = _hints(tp).get(part)
+    return key, tp
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (the second would silently win)."""
+def _related(a: str, b: str) -> bool:
+    """The same key, or one inside the other (``model`` and ``model.student_arch.num_layers``)."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        for k in {k for k in keys if keys.count(k) > 1}:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r}", node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+
+@functools.cache
+def _schema() -> DictConfig:
+    """The defaults as an OmegaConf structured config, built once and copied per load. Frozen dataclasses
+    give read-only nodes; the copies are written, and the result is frozen again as our dataclasses."""
+    cfg = OmegaConf.structured(DistillConfig)
+    for name in (n for n, tp in _hints(DistillConfig).items() if is_dataclass(tp)):
+        OmegaConf.set_readonly(cfg[name], False)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def _leaves(key: str, value: Any) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` per field: a mapping (or dataclass) given for a section or the root (``""``) spreads
+    over its fields, so that it merges into them."""
+    field_key, tp = _field(key)
+    value = asdict(value) if is_dataclass(value) else value
+    if field_key == key and is_dataclass(tp) and isinstance(value, Mapping):
+        for name, v in value.items():
+            yield from _leaves(f"{key}.{name}" if key else str(name), v)
+    else:
+        yield key, value
+
+
+def _set(cfg: DictConfig, key: str, value: Any, where: str) -> None:
+    """``cfg.<key> = value`` through OmegaConf, which checks and converts it; its errors in our words."""
+    field_key, tp = _field(key)
+    if field_key == key:
+        if is_dataclass(tp) and value is None:  # an empty section: its defaults
+            value = OmegaConf.select(_schema(), key)
+        _check_scalar(key, value, tp, where)
+    elif tp is not None:  # below a field: free keys inside a dict-typed field, else unknown
+        if dict not in (tp, *get_args(tp)):
+            raise _unknown(key, where)
+        if OmegaConf.select(cfg, field_key) is None:  # a null dict starts from the field's default
+            OmegaConf.update(cfg, field_key, OmegaConf.select(_schema(), field_key) or {}, merge=False)
+    try:
+        OmegaConf.update(cfg, key, value, merge=False)
+    except (ConfigAttributeError, ConfigKeyError):
+        raise _unknown(key, where) from None
+    except OmegaConfBaseException as e:
+        if field_key != key or tp is None:
+            raise ConfigError(f"cannot set {key}={value!r}{where}: {str(e).splitlines()[0]}", key) from None
+        raise _type_error(key, value, tp, where) from None
+
+
+_PAIRS = (("model.teacher", "model.teacher_arch"), ("model.student", "model.student_arch"))
+
+
+def _compose(layers: Sequence[tuple[str, Any, str]], fallback: str = "") -> DistillConfig:
+    """The defaults, then each ``(key, value, where)`` layer in turn (key ``""``: the whole config), then the
+    checks of ``__post_init__``; an error names the layer that set the keys involved, else ``fallback``."""
+    cfg, given = copy.deepcopy(_schema()), {}
+    for key, value, where in layers:
+        for leaf, v in _leaves(key, value):
+            _set(cfg, leaf, v, where)
+            given.pop(leaf, None)  # re-inserted: the latest setting comes last
+            given[leaf] = where
+    for pair in _PAIRS:  # giving one of a pair displaces the *default* of the other
+        for key, other in (pair, pair[::-1]):
+            if any(_related(g, key) for g in given) and not any(_related(g, other) for g in given):
+                if OmegaConf.select(cfg, key) is not None:
+                    OmegaConf.update(cfg, other, None)
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError as e:
+        by = [w for g, w in reversed(given.items()) if any(_related(g, k) for k in e.keys)]
+        raise ConfigError(f"{e}{by[0] if by else fallback}", e.keys) from None
+    except OmegaConfBaseException as e:  # e.g. an interpolation ${...} that does not resolve
+        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}{fallback}", str(e.full_key)) from None
+
+
+def _override(index: int, text: str) -> tuple[str, Any, str]:
+    """``key=value`` as a ``(key, value, where)`` layer; OmegaConf's dotlist parser reads the value as YAML.
+    A str field keeps the text itself: ``output_dir=2024``, ``train.resume=no``."""
+    key, sep, raw = text.partition("=")
+    key, where = key.strip(), f" (override #{index + 1} {text!r})"
+    _check(bool(sep and key), key, f"override {text!r} is not key=value, e.g. train.max_steps=20")
+    try:  # the key goes to _set; a fixed one here keeps OmegaConf's key syntax out of the value's way
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"cannot parse{where}: {e}", key) from None
+    if isinstance(value, (bool, int, float)) and _field(key) in ((key, str), (key, str | None)):
+        value = raw.strip()
+    return key, value, where
 
 
 def _read_file(path: Path) -> dict:
     suffix = path.suffix.lower()
     _check(suffix in (".yaml", ".yml", ".json"), (), f"config file {path} must end in .yaml, .yml or .json")
     _check(path.is_file(), (), f"config file not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            raw = json.load(f) if suffix == ".json" else yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
+    try:  # OmegaConf's YAML refuses duplicate keys and reads 1e-4 as a float (plain YAML 1.1: a string)
+        raw = json.loads(path.read_text("utf-8")) if suffix == ".json" else OmegaConf.load(path)
+    except (yaml.YAMLError, json.JSONDecodeError, OmegaConfBaseException) as e:
         raise ConfigError(f"cannot parse config file {path}: {e}") from None
-    _check(
-        isinstance(raw, dict | None), (), f"config file {path} must hold a mapping, not {type(raw).__name__}"
-    )
-    return raw or {}
+    raw = OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw
+    _check(isinstance(raw, dict), (), f"config file {path} must hold a mapping, not {type(raw).__name__}")
+    return raw
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DistillConfig:
     """Defaults <- ``path`` (.yaml/.yml/.json; None = built-in defaults) <- ``key=value`` overrides."""
-    raw = _read_file(Path(path)) if path is not None else {}
-    origins: dict[str, str] = {}
-    for i, text in enumerate(overrides):
-        key, sep, raw_value = text.partition("=")
-        where = f" (override #{i + 1} {text!r})"
-        _check(bool(sep and key.strip()), key, f"override {text!r} is not key=value, e.g. train.max_steps=20")
-        try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"cannot parse the value{where}: {e}", key) from None
-        if isinstance(value, (bool, int, float)) and _field_type(key.strip()) in (str, str | None):
-            value = raw_value.strip()  # output_dir=2024 and train.resume=no mean the strings
-        _set_dotted(raw, key.strip(), value, where)
-        origins[key.strip()] = where
-    try:
-        cfg = _build(DistillConfig, raw)
-    except ConfigError as e:  # say where the offending value came from
-        by = [w for k in e.keys for o, w in origins.items() if k in (o, *_parents(o)) or o in _parents(k)]
-        where = by[0] if by else f" (file {path})" if path else " (built-in defaults)"
-        raise ConfigError(f"{e}{where}", e.keys) from None
+    where = f" (file {path})" if path is not None else " (built-in defaults)"
+    layers = [("", _read_file(Path(path)), where)] if path is not None else []
+    cfg = _compose(layers + [_override(i, text) for i, text in enumerate(overrides)], fallback=where)
     for name in ("teacher_config", "student_config"):
         resolve_path(getattr(cfg.deepspeed, name), f"deepspeed.{name}")  # fail before any model loads
     return cfg
-
-
-def _parents(key: str) -> list[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def resolve_path(value: str | os.PathLike, key: str) -> Path:
@@ -592,7 +616,7 @@ def dump_yaml(cfg: DistillConfig, path: str | os.PathLike) -> Path:
         p = p / RESOLVED_CONFIG_NAME
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False, width=110)
+    text = OmegaConf.to_yaml(cfg.to_dict())
     tmp.write_text(f"# flexkd-ds resolved config; rerun with --config {p.name}\n{text}", encoding="utf-8")
     os.replace(tmp, p)
     return p
@@ -627,7 +651,9 @@ def build_arg_parser(prog: str | None = None, description: str | None = None) ->
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
-        epilog="config keys (override with key=value; values are YAML):\n\n" + config_help(),
+        epilog="config keys (override with key=value; values are YAML). Keys inside dict fields can be set\n"
+        "directly, e.g. model.student_arch.hidden_size=16; a whole section merges: loss={alpha: 0.5}\n\n"
+        + config_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="PATH", help="YAML/JSON config file (default: built-in defaults)")
