@@ -302,12 +302,12 @@ def test_valid_combinations(overrides):
 def test_config_help_lists_every_field():
     text = C.config_help()
     keys = leaf_keys()
-    assert len(keys) == 58  # 2 top-level + 8 + 11 + 12 + 6 + 16 + 3
+    assert len(keys) == 64  # 2 top-level + 9 + 11 + 12 + 6 + 5 + 16 + 3
     for key in keys:
         assert f"  {key}: " in text, key
     assert "train.max_steps: int = 60  (>= 1)" in text
     assert "loss.feature_loss: flexkd | projector | cka | none = flexkd" in text
-    for section in ("model:", "data:", "loss:", "importance:", "train:", "deepspeed:"):
+    for section in ("model:", "data:", "loss:", "importance:", "prune:", "train:", "deepspeed:"):
         assert f"\n{section}" in text
 
 

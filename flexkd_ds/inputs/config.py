@@ -95,6 +95,13 @@ class ModelConfig:
         "these sizes; false = tiny-config kwargs as in model.teacher_arch.",
     )
     student_gguf_file: str | None = _opt(None, "GGUF file name inside model.student (a dir or hub repo).")
+    student_init: Literal["auto", "pretrained", "pruned", "random"] = _opt(
+        "auto",
+        "How the student starts. pretrained = model.student; pruned = cut from the teacher by importance "
+        "(width model.student_arch.hidden_size, the teacher's top-scored units; depth and MLP from prune.*); "
+        "random = model.student_arch initialised at random; auto = pretrained when model.student is set, "
+        "else random.",
+    )
     tokenizer: str | None = _opt(None, "Tokenizer dir or hub name; null = the teacher's.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt("auto", "auto = bf16 on GPU, fp32 on CPU.")
 
@@ -117,11 +124,37 @@ class ModelConfig:
             )
             if arch is not None:
                 _check_arch(f"model.{role}_arch", arch)
+        init = self.student_init
+        _check(
+            init != "pretrained" or self.student is not None,
+            ("model.student_init", "model.student"),
+            "model.student_init=pretrained needs model.student (a dir, hub name or .gguf)",
+        )
+        _check(
+            init not in ("pruned", "random") or self.student is None,
+            ("model.student_init", "model.student"),
+            f"model.student_init={init} builds the student from model.student_arch, but model.student="
+            f"{self.student!r} names a pretrained one: use model.student_init=pretrained (or auto), or "
+            "model.student=null",
+        )
+        _check(
+            init != "pruned" or bool((self.student_arch or {}).get("from_teacher")),
+            ("model.student_init", "model.student_arch.from_teacher"),
+            "model.student_init=pruned cuts the student from the teacher: model.student_arch needs "
+            "from_teacher: true and hidden_size (d_S)",
+        )
         _check(
             not (self.student_arch or {}).get("from_teacher") or "vocab_size" not in self.student_arch,
             "model.student_arch.vocab_size",
             "model.student_arch: a from_teacher student shares the teacher's tokenizer; drop vocab_size",
         )
+
+    @property
+    def resolved_student_init(self) -> str:
+        """'pretrained' | 'pruned' | 'random' (``auto`` resolved)."""
+        if self.student_init != "auto":
+            return self.student_init
+        return "pretrained" if self.student is not None else "random"
 
     def precision(self, device_type: str) -> str:
         """The concrete dtype ('bf16' | 'fp16' | 'fp32') on ``device_type`` ('cpu', 'cuda', ...)."""
@@ -250,6 +283,41 @@ class ImportanceConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """A student cut from the teacher (model.student_init=pruned, launch/prune.py); width = the importance
+    file's units (model.student_arch.hidden_size of them), in file order."""
+
+    _section = "prune"
+    num_layers: int | None = _opt(
+        None,
+        "Teacher layers kept, the most important by 1 - cos(layer input, layer output); null = all.",
+        ge=1,
+    )
+    intermediate_size: int | None = _opt(
+        None,
+        "MLP neurons kept per layer, the largest mean |activation| at the down projection; null = all.",
+        ge=1,
+    )
+    calibrate_norms: bool = _opt(
+        True,
+        "Scale each norm's weight by the mean ratio of the kept channels' RMS (LayerNorm: std) to the full.",
+    )
+    num_examples: int = _opt(
+        64,
+        "Training examples (over all ranks) that depth, MLP, head and norm statistics are measured on.",
+        ge=1,
+    )
+    dir: str | None = _opt(None, "The pruned student (Hugging Face dir); null = <output_dir>/pruned_student.")
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+    def resolved_dir(self, output_dir: str | os.PathLike) -> Path:
+        """``dir``, or ``<output_dir>/pruned_student`` when it is null."""
+        return Path(self.dir) if self.dir is not None else Path(output_dir) / "pruned_student"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoints of the student."""
 
@@ -310,6 +378,7 @@ class DistillConfig:
     data: DataConfig = _opt(DataConfig, "Data and tokenization.")
     loss: LossConfig = _opt(LossConfig, "Loss terms and weights.")
     importance: ImportanceConfig = _opt(ImportanceConfig, "Importance scoring.")
+    prune: PruneConfig = _opt(PruneConfig, "Students cut from the teacher.")
     train: TrainConfig = _opt(TrainConfig, "Optimisation and checkpoints.")
     deepspeed: DeepSpeedOptions = _opt(DeepSpeedOptions, "DeepSpeed config files.")
 
@@ -545,6 +614,11 @@ def _compose(layers: Sequence[tuple[str, Any, str]], fallback: str = "") -> Dist
             if any(_related(g, key) for g in given) and not any(_related(g, other) for g in given):
                 if OmegaConf.select(cfg, key) is not None:
                     OmegaConf.update(cfg, other, None)
+    # A pretrained model.student displaces the default student_init (the built-in default prunes).
+    student_given = any(_related(g, "model.student") for g in given)
+    if student_given and OmegaConf.select(cfg, "model.student") is not None:
+        if not any(_related(g, "model.student_init") for g in given):
+            OmegaConf.update(cfg, "model.student_init", "auto")
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError as e:

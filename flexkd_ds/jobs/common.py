@@ -3,6 +3,7 @@ teacher engine, and the importance file (reuse / recompute / refuse)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from dataclasses import dataclass
@@ -71,6 +72,15 @@ def model_specs(cfg: DistillConfig) -> tuple[ModelSpec, ModelSpec, object]:
         s_source = models.resolve_model_source(m.student, m.student_gguf_file)
         s_name = m.student if m.student_gguf_file is None else f"{m.student}/{m.student_gguf_file}"
         student = ModelSpec(s_name, models.load_config(s_source), s_source, cfg.seed)
+    elif m.resolved_student_init == "pruned":  # cut after the importance pass; known now: its width
+        s_config = copy.deepcopy(t_config)
+        width_field = (
+            "word_embed_proj_dim"
+            if getattr(t_config, "model_type", "") == "opt"
+            else ("n_embd" if getattr(t_config, "model_type", "") == "gpt2" else "hidden_size")
+        )
+        setattr(s_config, width_field, m.student_arch["hidden_size"])
+        student = ModelSpec("pruned (not cut yet)", s_config, None, cfg.seed + 1)
     else:
         arch = dict(m.student_arch)
         if arch.pop("from_teacher", False):

@@ -27,6 +27,7 @@ from flexkd_ds.jobs.common import (
     teacher_engine,
     train_dataset,
 )
+from flexkd_ds.jobs.prune import check_prune_request, existing_pruned, prune_student, pruned_spec
 from flexkd_ds.jobs.score import feature_rows, score_teacher, summarize, write_importance
 from flexkd_ds.method import importance
 from flexkd_ds.method.losses import Projector, lm_loss
@@ -134,13 +135,16 @@ def run_distill(cfg: DistillConfig) -> Path:
 
     teacher, student, tokenizer = model_specs(cfg)
     check_models(cfg, teacher, student, tokenizer)
+    if cfg.model.resolved_student_init == "pruned":
+        check_prune_request(cfg, teacher.config, student.width)
     dataset = train_dataset(cfg, tokenizer, env)
     valid_set = train_dataset(cfg, tokenizer, env, valid=True) if cfg.data.valid and t.eval_every else None
     pad_id = data.pad_token_id(tokenizer)
-    needs_teacher = weights.uses_feature or weights.uses_logit
+    pruned = cfg.model.resolved_student_init == "pruned"
+    needs_teacher = weights.uses_feature or weights.uses_logit or pruned
     t_engine = teacher_engine(cfg, teacher, env, t.micro_batch_size) if needs_teacher else None
 
-    uses_units = weights.feature_loss == "flexkd" and weights.uses_feature
+    uses_units = (weights.feature_loss == "flexkd" and weights.uses_feature) or pruned
     found = existing_importance(cfg, teacher, student.width) if uses_units else None  # refuses a foreign file
     if env.is_main:  # inputs checked: only now write to output_dir (a refused launch leaves it as it was)
         out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +162,17 @@ def run_distill(cfg: DistillConfig) -> Path:
             logger.info(summarize(found))
         unit_indices = found.indices.to(env.device)
         importance_hash = importance.importance_file_hash(cfg.importance.resolved_path(cfg.output_dir))
+    if pruned:  # the student starts as the teacher's top units: Flex-KD's pairing is the pruning's identity
+        student_dir = existing_pruned(cfg, teacher, found)
+        if student_dir is None:
+            student_dir = prune_student(cfg, t_engine, teacher, tokenizer, dataset, env, pad_id, found)
+        else:
+            logger.info("reusing the pruned student in %s", student_dir)
+        student = pruned_spec(student_dir, cfg.seed)
+    if not (weights.feature_loss == "flexkd" and weights.uses_feature):
+        unit_indices = None
+    if not (weights.uses_feature or weights.uses_logit):
+        t_engine = None  # only the pruning needed it
 
     s_ds = student_ds_dict(cfg, env, out)
     with sharded_init(s_ds, enabled=student.source is not None):  # random init: built whole, same weights
