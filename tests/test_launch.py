@@ -309,7 +309,7 @@ def test_sbatch_outside_slurm_and_bad_job_fail_clearly(tmp_path):
     assert result.returncode != 0 and "submit this script with sbatch" in result.stderr
     job = BatchJob(slurm_env(tmp_path, 4300, JOB="train"), [], tmp_path / "batch.log")
     assert job.wait(60) == 2
-    assert "job 'train': expected one of distill, score, evaluate, plan" in job.output()
+    assert "job 'train': expected one of distill, score, prune, evaluate, plan" in job.output()
 
 
 # --------------------------------------------------------------------- real tiny-recipe launches (slow)
