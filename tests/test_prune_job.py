@@ -69,8 +69,11 @@ def test_bad_requests_stop_before_anything_is_written(tmp_path, overrides, messa
 def test_importance_file_of_another_teacher_is_refused(tmp_path):
     out = tmp_path / "mine"
     run_job(PRUNE, out, WIDTH, nprocs=1)
+    before = (out / "importance.safetensors").read_bytes()
     result = run_job(PRUNE, out, [*WIDTH, "model.teacher_arch.hidden_size=48"], nprocs=1, check=False)
-    assert result.returncode != 0 and "importance" in result.output, result.tail()
+    assert result.returncode != 0 and "was computed for" in result.output, result.tail()
+    assert "importance.recompute=true" in result.output  # says what to do
+    assert (out / "importance.safetensors").read_bytes() == before  # the input file is left as it was
 
 
 @pytest.mark.slow

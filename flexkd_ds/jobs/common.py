@@ -74,11 +74,8 @@ def model_specs(cfg: DistillConfig) -> tuple[ModelSpec, ModelSpec, object]:
         student = ModelSpec(s_name, models.load_config(s_source), s_source, cfg.seed)
     elif m.resolved_student_init == "pruned":  # cut after the importance pass; known now: its width
         s_config = copy.deepcopy(t_config)
-        width_field = (
-            "word_embed_proj_dim"
-            if getattr(t_config, "model_type", "") == "opt"
-            else ("n_embd" if getattr(t_config, "model_type", "") == "gpt2" else "hidden_size")
-        )
+        # the field models.lm_head_input_size reads (d_S): the pair checks see the student's width
+        width_field = {"opt": "word_embed_proj_dim", "gpt2": "n_embd"}.get(t_config.model_type, "hidden_size")
         setattr(s_config, width_field, m.student_arch["hidden_size"])
         student = ModelSpec("pruned (not cut yet)", s_config, None, cfg.seed + 1)
     else:

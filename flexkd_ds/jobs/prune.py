@@ -10,7 +10,6 @@ ever holds the whole teacher. Rank 0 writes a Hugging Face dir with the tokenize
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ PRUNE_FILE = "prune.json"
 def check_prune_request(cfg: DistillConfig, teacher_config, d_student: int) -> None:
     """Refuse, before anything is written, a request the teacher cannot meet: an unsupported family, d_S >= d_T,
     more layers or MLP neurons than it has, an OPT/GPT-2 width that is not whole heads."""
-    shapes = prune._shapes(teacher_config)  # names the family when it is not supported
+    shapes = prune.teacher_shapes(teacher_config)  # names the family when it is not supported
     checks = [
         ("model.student_arch.hidden_size", d_student, shapes.d_teacher - 1, "d_S < d_T"),
         ("prune.num_layers", cfg.prune.num_layers, shapes.num_layers, "the teacher's layers"),
@@ -80,57 +79,23 @@ def prune_statistics(
     return stats
 
 
-def _teacher_module(engine):
-    return getattr(engine, "module", engine)
-
-
 def cut_student(engine, plan: prune.PrunePlan, env: DistEnv):
     """The student of ``plan`` on rank 0 (None elsewhere): every teacher parameter is gathered alone and
     sliced at once, so the peak is the student plus one teacher tensor."""
-    teacher = _teacher_module(engine)
-    config = prune.pruned_config(teacher.config, plan)
+    teacher = getattr(engine, "module", engine)
+    persistent = set(teacher.state_dict())
+    named = list(teacher.named_parameters()) + [(n, b) for n, b in teacher.named_buffers() if n in persistent]
     state: dict[str, torch.Tensor] = {}
-    named = list(teacher.named_parameters()) + [
-        (n, b) for n, b in teacher.named_buffers() if n in teacher.state_dict()
-    ]
-    seen: set[int] = set()
     for name, tensor in tqdm(named, desc="prune", disable=not env.is_main, unit="tensor"):
-        if id(tensor) in seen:  # a tied head is the embedding: cut once, tied again below
-            continue
-        seen.add(id(tensor))
+        # named_parameters lists a tied head once, under the embedding: assemble_student ties it again
         with gathered([tensor] if isinstance(tensor, torch.nn.Parameter) else []):
             if env.is_main:
                 full = tensor.detach().to("cpu", copy=True)
                 state.update(prune.prune_tensor(name, full, plan, teacher.config))
     if not env.is_main:
         return None
-    dtype = next(iter(state.values())).dtype
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
-        student = AutoModelForCausalLM.from_config(config)
-    student = student.to(dtype).to_empty(device="cpu")
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (tied and m.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise ValueError(f"pruned state does not fit the student: missing {missing}, unexpected {unexpected}")
-    persistent = set(teacher.state_dict())
-    for name, buffer in teacher.named_buffers():  # non-persistent (rotary inv_freq): not in any state dict
-        if name not in persistent:
-            for new_name, value in prune.prune_tensor(name, buffer.detach().cpu(), plan, teacher.config):
-                student.get_buffer(new_name).copy_(value)
-    if tied:
-        student.tie_weights()
-    return student.eval()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    buffers = {n: b.detach().cpu() for n, b in teacher.named_buffers() if n not in persistent}
+    return prune.assemble_student(teacher.config, plan, state, buffers)
 
 
 def prune_student(
@@ -166,7 +131,7 @@ def prune_student(
         record = {
             "teacher": teacher.name,
             "importance_file": str(found.path),
-            "importance_sha256": file_sha256(found.path),
+            "importance_sha256": importance.importance_file_hash(found.path),
             "d_teacher": len(found.scores),
             "d_student": len(units),
             "calibration": {
@@ -187,8 +152,7 @@ def prune_student(
         params = sum(p.numel() for p in student.parameters())
         logger.info(
             "pruned student: %d of %d units, %d of %d layers, %.1fM parameters, in %.1f s -> %s",
-            len(units), len(found.scores), len(plan.layers), teacher.config.num_hidden_layers
-            if hasattr(teacher.config, "num_hidden_layers") else len(plan.layers),
+            len(units), len(found.scores), len(plan.layers), prune.teacher_shapes(teacher.config).num_layers,
             params / 1e6, time.perf_counter() - start, out,
         )  # fmt: skip
     barrier()
@@ -215,7 +179,7 @@ def existing_pruned(cfg: DistillConfig, teacher: ModelSpec, found: importance.Im
     record = json.loads(record_path.read_text())
     wanted = {
         "teacher": teacher.name,
-        "importance_sha256": file_sha256(found.path),
+        "importance_sha256": importance.importance_file_hash(found.path),
         "num_layers": cfg.prune.num_layers,
         "intermediate_size": cfg.prune.intermediate_size,
     }

@@ -143,7 +143,9 @@ def _family_name(config: PretrainedConfig) -> str:
     return name
 
 
-def _shapes(config: PretrainedConfig) -> _Shapes:
+def teacher_shapes(config: PretrainedConfig) -> _Shapes:
+    """The widths pruning reads from a teacher config (d_T, residual, heads, head_dim, MLP, layers); raises
+    ``ValueError`` naming the family when it is not supported."""
     family = _family_name(config)
     if family == "gpt2":
         width, heads, layers = config.n_embd, config.n_head, config.n_layer
@@ -308,7 +310,7 @@ def make_plan(
     ``allow_full_width`` accepts d_S = d_T (depth/MLP pruning only; the units may still permute).
     ``stats`` (``collect_prune_statistics`` for these units) is needed as soon as anything is ranked.
     """
-    shapes = _shapes(config)
+    shapes = teacher_shapes(config)
     units = _int_list("units", units)
     d_t, d_s = shapes.d_teacher, len(units)
     outside = [u for u in units if not 0 <= u < d_t]
@@ -471,7 +473,7 @@ def collect_prune_statistics(
     The model runs in eval mode under ``no_grad`` (its mode is restored). Memory: O(L * intermediate).
     """
     inner = _unwrap(model)
-    shapes = _shapes(inner.config)
+    shapes = teacher_shapes(inner.config)
     family = FAMILIES[shapes.family]
     units = _int_list("units", units)
     if not units or not all(0 <= u < shapes.d_teacher for u in units):
@@ -567,7 +569,7 @@ def collect_prune_statistics(
 
 def pruned_config(teacher_config: PretrainedConfig, plan: PrunePlan) -> PretrainedConfig:
     """A copy of ``teacher_config`` with the student's width, depth, intermediate size and heads."""
-    shapes = _shapes(teacher_config)
+    shapes = teacher_shapes(teacher_config)
     _check_plan(plan, shapes)
     d_s, depth = len(plan.units), len(plan.layers)
     intermediate = len(plan.mlp_neurons[0]) if plan.mlp_neurons else shapes.intermediate
@@ -659,7 +661,7 @@ def prune_tensor(
     plan order), heads and neurons; norm weights are multiplied by their ``plan.norm_scales`` factor.
     Raises ``ValueError`` for an unknown name or a shape that does not fit the teacher config.
     """
-    shapes = _shapes(teacher_config)
+    shapes = teacher_shapes(teacher_config)
     new_name, rule, layer, norm_key = _route(name, plan, shapes)
     if new_name is None:
         return []
@@ -699,26 +701,45 @@ def prune_model(teacher: torch.nn.Module, plan: PrunePlan) -> PreTrainedModel:
     teacher = _unwrap(teacher)
     if any(getattr(p, "ds_numel", None) is not None for p in teacher.parameters()):
         raise ValueError("the teacher's parameters are ZeRO-3 partitions: save it and use prune_checkpoint")
-    config = pruned_config(teacher.config, plan)
     state = teacher.state_dict()
     student_state = {}
     for name, tensor in state.items():
         student_state.update(prune_tensor(name, tensor.detach(), plan, teacher.config))
-    embedding = teacher.get_input_embeddings().weight
-    student = _meta_student(config).to(embedding.dtype)
-    student.to_empty(device=embedding.device)
-    student.load_state_dict(student_state, strict=True)
-    # Non-persistent buffers (rotary inv_freq) are not in any state dict: pass the teacher's through.
+    buffers = {name: b for name, b in teacher.named_buffers() if name not in state}
+    return assemble_student(teacher.config, plan, student_state, buffers)
+
+
+def assemble_student(
+    teacher_config: PretrainedConfig,
+    plan: PrunePlan,
+    student_state: Mapping[str, Tensor],
+    teacher_buffers: Mapping[str, Tensor],
+) -> PreTrainedModel:
+    """The student of ``plan`` from tensors already cut by ``prune_tensor`` (student names; a tied LM head may
+    be left out), in their dtype and device, in eval mode. ``teacher_buffers``: the teacher's non-persistent
+    buffers (rotary ``inv_freq``; teacher names), which no state dict holds and are passed through."""
+    config = pruned_config(teacher_config, plan)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    first = next(iter(student_state.values()))
+    student = _meta_student(config).to(first.dtype)
+    student.to_empty(device=first.device)
+    missing, unexpected = student.load_state_dict(dict(student_state), strict=False)
+    head = student.get_output_embeddings()
+    head_names = {f"{n}.weight" for n, m in student.named_modules() if m is head}
+    missing = [m for m in missing if not (tied and m in head_names)]
+    if missing or unexpected:
+        raise ValueError(
+            f"the cut tensors do not fit the student: missing {missing}, unexpected {unexpected}"
+        )
     student_buffers = dict(student.named_buffers())
     unset = {name for name in student_buffers if name not in student_state}
-    for name, buffer in teacher.named_buffers():
-        if name not in state:
-            for new_name, value in prune_tensor(name, buffer, plan, teacher.config):
-                student_buffers[new_name].copy_(value)
-                unset.discard(new_name)
+    for name, buffer in teacher_buffers.items():
+        for new_name, value in prune_tensor(name, buffer, plan, teacher_config):
+            student_buffers[new_name].copy_(value)
+            unset.discard(new_name)
     if unset:
         raise ValueError(f"student buffers {sorted(unset)} have no teacher counterpart to copy")
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         student.tie_weights()
     return student.eval()
 
@@ -769,7 +790,7 @@ def prune_checkpoint(
     files = _source_files(src)
     teacher_config = AutoConfig.from_pretrained(src)
     config = pruned_config(teacher_config, plan)
-    shapes = _shapes(teacher_config)
+    shapes = teacher_shapes(teacher_config)
     target = None if dtype is None else resolve_dtype(dtype)
     limit = _byte_size(max_shard_size)
     if dst.resolve() == src.resolve() or list(dst.glob("model*.safetensors*")):
