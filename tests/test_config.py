@@ -272,6 +272,11 @@ def test_replace_validates_and_accepts_dotted_keys():
         (["train.resume= "], "train.resume=None"),
         (["output_dir=''"], "output_dir must not be empty"),
         (["seed=-1"], "seed must be >= 0"),
+        (["model.student_init=pretrained"], "model.student_init=pretrained needs model.student"),
+        (["model.student_init=pruned", "model.student=s"], "model.student_init=pruned builds the student"),
+        (["model.student_init=pruned", "model.student_arch.from_teacher=false"], "needs from_teacher: true"),
+        (["model.student_init=prune"], "did you mean 'pruned'"),
+        (["prune.num_layers=0"], "prune.num_layers must be >= 1"),
     ],
 )
 def test_combination_and_range_checks(overrides, expected):
@@ -292,6 +297,7 @@ def test_combination_and_range_checks(overrides, expected):
         ["model.student=s"],  # displaces the default student_arch
         ["data.valid=v.jsonl", "train.eval_every=10"],
         ["train.warmup_steps=1000"],  # more than max_steps: capped by the scheduler, not an error
+        ["model.student_init=pruned", "prune.num_layers=20", "prune.intermediate_size=512"],
     ],
 )
 def test_valid_combinations(overrides):
@@ -474,3 +480,12 @@ def test_resolve_precision():
 
 def test_zero_stage():
     assert D.zero_stage({}) == 0 and D.zero_stage({"zero_optimization": {"stage": 3}}) == 3
+
+
+def test_student_init_resolves_and_a_pretrained_student_displaces_its_default():
+    assert load_config(None).model.resolved_student_init == "random"  # auto with model.student_arch
+    assert load_config(None, ["model.student=s"]).model.resolved_student_init == "pretrained"
+    cfg = load_config(None, ["model.student_init=pruned"])
+    assert cfg.model.resolved_student_init == "pruned" and cfg.prune.resolved_dir("o") == Path(
+        "o/pruned_student"
+    )
