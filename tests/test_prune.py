@@ -604,3 +604,19 @@ def test_prune_tensor_refuses_unknown_names_and_wrong_shapes():
         make_plan(opt_config, list(range(HIDDEN)))
     with pytest.raises(ValueError, match="plan is for family 'opt', the teacher is 'llama'"):
         pruned_config(config, PrunePlan("opt", [0, 1], [0]))
+
+
+def test_a_quantized_teachers_student_is_plain_and_round_trips_through_save_and_load(tmp_path):
+    """A GGUF teacher's config carries quantization_config; the cut student holds plain tensors, so its config
+    must not (transformers would refuse to save the re-loaded student). The width is a multiple of the head
+    count, which LlamaConfig checks on save (the job refuses other widths up front)."""
+    _, teacher = make_teacher("llama")
+    teacher.config.quantization_config = {"quant_method": "gguf", "gguf_file": "t.gguf", "dequantize": False}
+    width = HEADS * 2
+    student = prune_model(teacher, PrunePlan("llama", units=some_units(HIDDEN, width), layers=[0, 1]))
+    assert not hasattr(student.config, "quantization_config")
+    student.save_pretrained(tmp_path / "s")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    again.save_pretrained(tmp_path / "s2")  # refused when quantization_config leaked into the student
+    ids = torch.randint(0, VOCAB, (2, 5))
+    torch.testing.assert_close(again(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=0)

@@ -56,6 +56,7 @@ def test_prune_job_writes_the_plan_applied_to_the_teacher(tmp_path):
         (["prune.num_layers=3"], "prune.num_layers=3 is out of range"),
         (["prune.intermediate_size=100000"], "prune.intermediate_size=100000 is out of range"),
         (["model.student_arch.hidden_size=64"], "d_S"),
+        (["model.student_arch.hidden_size=30"], "use a multiple of 4, e.g. 28 or 32"),  # 4 heads: LlamaConfig
         (["model.teacher_arch.family=bert"], "family"),
     ],
 )

@@ -37,7 +37,8 @@ PRUNE_FILE = "prune.json"
 
 def check_prune_request(cfg: DistillConfig, teacher_config, d_student: int) -> None:
     """Refuse, before anything is written, a request the teacher cannot meet: an unsupported family, d_S >= d_T,
-    more layers or MLP neurons than it has, an OPT/GPT-2 width that is not whole heads."""
+    more layers or MLP neurons than it has, an OPT/GPT-2 width that is not whole heads, a LLaMA width that is not
+    a multiple of the head count."""
     shapes = prune.teacher_shapes(teacher_config)  # names the family when it is not supported
     checks = [
         ("model.student_arch.hidden_size", d_student, shapes.d_teacher - 1, "d_S < d_T"),
@@ -52,6 +53,15 @@ def check_prune_request(cfg: DistillConfig, teacher_config, d_student: int) -> N
     for key, value, upper, what in checks:
         if value is not None and not 1 <= value <= upper:
             raise ValueError(f"{key}={value} is out of range: it must be in [1, {upper}] ({what}: {upper})")
+    if shapes.family == "llama" and d_student % shapes.num_heads:
+        lower = d_student - d_student % shapes.num_heads
+        nearest = [w for w in (lower, lower + shapes.num_heads) if 0 < w < shapes.d_teacher]
+        raise ValueError(
+            f"model.student_arch.hidden_size={d_student}: a pruned LLaMA student keeps the teacher's "
+            f"{shapes.num_heads} attention heads, and transformers' LlamaConfig refuses a hidden_size that is not "
+            f"a multiple of num_attention_heads; use a multiple of {shapes.num_heads}, e.g. "
+            + " or ".join(map(str, nearest))
+        )
     if shapes.family != "llama" and not shapes.projected and d_student % shapes.head_dim:
         raise ValueError(
             f"model.student_arch.hidden_size={d_student}: a pruned {shapes.family} student keeps whole heads of "

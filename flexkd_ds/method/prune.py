@@ -587,6 +587,8 @@ def pruned_config(teacher_config: PretrainedConfig, plan: PrunePlan) -> Pretrain
     else:  # n_inner explicit: None would mean 4 * the NEW width
         config.update(dict(n_embd=d_s, n_head=heads, n_layer=depth, n_inner=intermediate))
     config._name_or_path = ""
+    if hasattr(config, "quantization_config"):  # e.g. a GGUF teacher's: the cut weights are plain tensors
+        del config.quantization_config
     return config
 
 
