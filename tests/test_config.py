@@ -51,8 +51,10 @@ def test_default_config_matches_the_brief():
     assert cfg.output_dir == "outputs/quickstart" and cfg.seed == 1234
     assert cfg.model.teacher == "smollm2-135m-instruct" and cfg.model.teacher_arch is None
     assert cfg.model.student is None and cfg.model.student_arch["from_teacher"] is True
-    assert cfg.model.student_arch["hidden_size"] == 256 and cfg.model.dtype == "auto"
-    assert (cfg.data.train, cfg.data.max_length, cfg.data.on_bad_row) == ("builtin:synthetic", 256, "error")
+    assert cfg.model.student_arch["hidden_size"] == 378 and cfg.model.dtype == "auto"
+    assert cfg.model.resolved_student_init == "pruned"  # the quickstart cuts its student from the teacher
+    assert (cfg.data.train, cfg.data.max_length, cfg.data.on_bad_row) == ("builtin:prompts", 256, "error")
+    assert (cfg.data.responses, cfg.data.valid) == ("teacher", "builtin:prompts")
     assert (cfg.loss.feature_loss, cfg.loss.logit_loss, cfg.loss.alpha) == ("flexkd", "rkl", 0.05)
     assert cfg.train.betas == (0.9, 0.999) and cfg.train.lr_schedule == "cosine"
     assert cfg.deepspeed.student_config == "ds_configs/student_zero2.json"
@@ -157,7 +159,7 @@ def test_missing_or_unsupported_files(tmp_path):
         ("output_dir=2024", lambda c: c.output_dir, "2024"),  # a str field keeps the text
         ("train.resume=no", lambda c: c.train.resume, "no"),  # not YAML 1.1's False
         ("model.student_arch.num_layers=2", lambda c: c.model.student_arch["num_layers"], 2),
-        ("model.student_arch.num_layers=2", lambda c: c.model.student_arch["hidden_size"], 256),
+        ("model.student_arch.num_layers=2", lambda c: c.model.student_arch["hidden_size"], 378),
         ("loss={alpha: 0.5}", lambda c: (c.loss.alpha, c.loss.feature_loss), (0.5, "flexkd")),
         ("train.max_steps=", lambda c: c.train.max_steps, "error"),
     ],
@@ -251,9 +253,12 @@ def test_replace_validates_and_accepts_dotted_keys():
         (["model.teacher=t.gguf", "model.teacher_gguf_file=q.gguf"], "model.teacher_gguf_file='q.gguf'"),
         (["model.student_gguf_file=q.gguf"], "model.student_gguf_file"),
         (["model.student_arch.num_layers=0"], "model.student_arch.num_layers must be a positive int"),
-        (["model.student_arch.num_kv_heads=3"], "not a multiple of model.student_arch.num_kv_heads=3"),
+        (
+            ["model.student_arch={from_teacher: true, hidden_size: 256, num_heads: 4, num_kv_heads: 3}"],
+            "not a multiple of model.student_arch.num_kv_heads=3",
+        ),
         (["model.student_arch.vocab_size=10"], "from_teacher student shares the teacher's tokenizer"),
-        (["model.teacher_arch={hidden_size: 64}"], "d_S=256 of the teacher's d_T=64"),
+        (["model.teacher_arch={hidden_size: 64}"], "d_S=378 of the teacher's d_T=64"),
         (["data.max_prompt_length=256"], "data.max_prompt_length=256 leaves no room"),
         (["loss.alpha=0", "loss.beta=0", "loss.lm_weight=0"], "every loss term is off"),
         (["loss.feature_loss=none", "loss.logit_loss=none", "loss.lm_weight=0"], "every loss term is off"),
@@ -268,7 +273,7 @@ def test_replace_validates_and_accepts_dotted_keys():
         (["train.global_batch_size=6"], "train.global_batch_size=6 is not a multiple"),
         (["train.betas=[0.9, 1.0]"], "train.betas must be < 1"),
         (["train.min_lr_ratio=2"], "train.min_lr_ratio must be <= 1"),
-        (["train.eval_every=10"], "train.eval_every=10 needs a validation set"),
+        (["data.valid=null", "train.eval_every=10"], "train.eval_every=10 needs a validation set"),
         (["train.resume= "], "train.resume=None"),
         (["output_dir=''"], "output_dir must not be empty"),
         (["seed=-1"], "seed must be >= 0"),
@@ -308,7 +313,7 @@ def test_valid_combinations(overrides):
 def test_config_help_lists_every_field():
     text = C.config_help()
     keys = leaf_keys()
-    assert len(keys) == 64  # 2 top-level + 9 + 11 + 12 + 6 + 5 + 16 + 3
+    assert len(keys) == 68  # 2 top-level + 9 + 15 + 12 + 6 + 5 + 16 + 3
     for key in keys:
         assert f"  {key}: " in text, key
     assert "train.max_steps: int = 60  (>= 1)" in text
@@ -483,9 +488,26 @@ def test_zero_stage():
 
 
 def test_student_init_resolves_and_a_pretrained_student_displaces_its_default():
-    assert load_config(None).model.resolved_student_init == "random"  # auto with model.student_arch
+    assert load_config(None).model.resolved_student_init == "pruned"
     assert load_config(None, ["model.student=s"]).model.resolved_student_init == "pretrained"
+    assert load_config(None, ["model.student_arch.hidden_size=288"]).model.resolved_student_init == "pruned"
+    sizes = "model.student_arch={from_teacher: true, hidden_size: 256, num_layers: 8}"  # a random student's
+    assert load_config(None, [sizes]).model.resolved_student_init == "random"
+    assert load_config(None, [sizes, "model.student_init=pruned"]).model.resolved_student_init == "pruned"
     cfg = load_config(None, ["model.student_init=pruned"])
     assert cfg.model.resolved_student_init == "pruned" and cfg.prune.resolved_dir("o") == Path(
         "o/pruned_student"
     )
+
+
+def test_a_config_with_its_own_data_gets_dataset_responses_and_no_generated_heldout_set(tmp_path):
+    """The quickstart's teacher-written responses and held-out prompts are defaults for builtin:prompts only."""
+    cfg = load_config(None, ["data.train=mine.jsonl"])
+    assert (cfg.data.responses, cfg.data.valid) == ("dataset", None)
+    cfg = load_config(None, ["data.train=mine.jsonl", "data.responses=teacher", "data.valid=v.jsonl"])
+    assert (cfg.data.responses, cfg.data.valid) == ("teacher", "v.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train: builtin:synthetic\n")
+    assert (load_config(recipe).data.responses, load_config(recipe).data.valid) == ("dataset", None)
+    with pytest.raises(ConfigError, match="builtin:prompts has no responses: set data.responses=teacher"):
+        load_config(None, ["data.responses=dataset"])

@@ -83,24 +83,20 @@ class ModelConfig:
     )
     student: str | None = _opt(None, "Pretrained student (dir, hub name, .gguf); null = model.student_arch.")
     student_arch: dict | None = _opt(
-        dict(
-            from_teacher=True,
-            hidden_size=256,
-            num_layers=8,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=768,
-        ),
-        "Random student. from_teacher: true = a narrow copy of the teacher's config (same tokenizer) with "
-        "these sizes; false = tiny-config kwargs as in model.teacher_arch.",
+        dict(from_teacher=True, hidden_size=378),
+        "The student's sizes. Pruned: {from_teacher: true, hidden_size: d_S} (depth and MLP from prune.*). "
+        "Random: from_teacher: true = a narrow copy of the teacher's config (same tokenizer) with these sizes "
+        "(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size); false = tiny-config kwargs as in "
+        "model.teacher_arch. Sizes beyond hidden_size make the default model.student_init auto (random).",
     )
     student_gguf_file: str | None = _opt(None, "GGUF file name inside model.student (a dir or hub repo).")
     student_init: Literal["auto", "pretrained", "pruned", "random"] = _opt(
-        "auto",
+        "pruned",
         "How the student starts. pretrained = model.student; pruned = cut from the teacher by importance "
         "(width model.student_arch.hidden_size, the teacher's top-scored units; depth and MLP from prune.*); "
         "random = model.student_arch initialised at random; auto = pretrained when model.student is set, "
-        "else random.",
+        "else random. The default (pruned) becomes auto when the config names model.student or a random "
+        "student's sizes.",
     )
     tokenizer: str | None = _opt(None, "Tokenizer dir or hub name; null = the teacher's.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _opt("auto", "auto = bf16 on GPU, fp32 on CPU.")
@@ -167,13 +163,28 @@ class DataConfig:
 
     _section = "data"
     train: str = _opt(
-        "builtin:synthetic",
-        "Local json/jsonl/parquet/csv path, hub dataset name, or builtin:synthetic (generated instructions).",
+        "builtin:prompts",
+        "Local json/jsonl/parquet/csv path, hub dataset name, builtin:synthetic (generated tasks with their "
+        "answers) or builtin:prompts (generated open-ended instructions; needs data.responses=teacher).",
     )
     train_split: str = _opt("train", "Split of data.train.")
-    valid: str | None = _opt(None, "Validation data (same forms as data.train); null = none.")
+    valid: str | None = _opt(
+        "builtin:prompts",
+        "Held-out data (same forms as data.train; builtin:prompts = 32 generated prompts not trained on, "
+        "answered by the teacher): the student's response NLL before and after training and the teacher's are "
+        "printed at the end and written to heldout.json; null = none. Another data.train makes the default null.",
+    )
     valid_split: str = _opt("validation", "Split of data.valid.")
-    num_synthetic: int = _opt(2000, "Examples that builtin:synthetic generates.", ge=1)
+    num_synthetic: int = _opt(192, "Examples that builtin:synthetic or builtin:prompts generates.", ge=1)
+    responses: Literal["dataset", "teacher"] = _opt(
+        "teacher",
+        "Training responses: dataset = the data's output column; teacher = the teacher writes one per prompt "
+        "before training (sequence-level KD), cached in <output_dir>/teacher_responses.jsonl. data.valid keeps "
+        "its own references. Another data.train makes the default dataset.",
+    )
+    response_tokens: int = _opt(128, "data.responses=teacher: most tokens per response.", ge=1)
+    response_temperature: float = _opt(0.7, "data.responses=teacher: sampling temperature; 0 = greedy.", ge=0)
+    response_top_p: float = _opt(0.9, "data.responses=teacher: nucleus sampling mass.", gt=0, le=1)
     max_train_rows: int | None = _opt(None, "Use at most this many training rows; null = all.", ge=1)
     field_map: dict | None = _opt(
         None,
@@ -196,6 +207,11 @@ class DataConfig:
                 f"data.field_map.{key}",
                 f"data.field_map maps the fields {known} to column names (strings); got {key}: {value!r}",
             )
+        _check(
+            self.train != "builtin:prompts" or self.responses == "teacher",
+            ("data.train", "data.responses"),
+            "data.train=builtin:prompts has no responses: set data.responses=teacher (the teacher writes them)",
+        )
         _check(
             self.max_prompt_length is None or self.max_prompt_length < self.max_length,
             ("data.max_prompt_length", "data.max_length"),
@@ -336,7 +352,11 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "Gradient-norm clipping (DeepSpeed gradient_clipping); 0 = off.", ge=0)
     log_every: int = _opt(1, "Write a metrics.jsonl line every this many steps.", ge=1)
     save_every: int = _opt(0, "Checkpoint every this many steps; 0 = only at the end.", ge=0)
-    eval_every: int = _opt(0, "Evaluate on data.valid every this many steps; 0 = never.", ge=0)
+    eval_every: int = _opt(
+        0,
+        "Evaluate on data.valid every this many steps; 0 = only after the last step (with data.valid).",
+        ge=0,
+    )
     resume: str = _opt(
         "auto", "auto = latest checkpoint under <output_dir>/checkpoints, if any; never; or a dir."
     )
@@ -600,6 +620,34 @@ def _set(cfg: DictConfig, key: str, value: Any, where: str) -> None:
 _PAIRS = (("model.teacher", "model.teacher_arch"), ("model.student", "model.student_arch"))
 
 
+def _displace_quickstart_defaults(cfg, given: Mapping[str, str]) -> None:
+    """The built-in default is the quickstart: a student pruned from the teacher, trained on prompts the teacher
+    answers, scored on held-out prompts. A config that brings its own student or data gets the neutral
+    defaults instead, unless it sets these keys itself:
+
+    - a pretrained model.student, or a model.student_arch that is not just {from_teacher, hidden_size}
+      (a random student's sizes): model.student_init = auto (pretrained / random);
+    - another data.train: data.responses = dataset and data.valid = null.
+    """
+
+    def says(key: str) -> bool:
+        return any(_related(g, key) for g in given)
+
+    if not says("model.student_init"):
+        arch = OmegaConf.select(cfg, "model.student_arch")
+        arch = OmegaConf.to_container(arch) if arch is not None else None
+        random_arch = says("model.student_arch") and (
+            not arch or not arch.get("from_teacher") or set(arch) - {"from_teacher", "hidden_size"}
+        )
+        if (says("model.student") and OmegaConf.select(cfg, "model.student") is not None) or random_arch:
+            OmegaConf.update(cfg, "model.student_init", "auto")
+    if says("data.train") and OmegaConf.select(cfg, "data.train") != _schema().data.train:
+        if not says("data.responses"):
+            OmegaConf.update(cfg, "data.responses", "dataset")
+        if not says("data.valid"):
+            OmegaConf.update(cfg, "data.valid", None)
+
+
 def _compose(layers: Sequence[tuple[str, Any, str]], fallback: str = "") -> DistillConfig:
     """The defaults, then each ``(key, value, where)`` layer in turn (key ``""``: the whole config), then the
     checks of ``__post_init__``; an error names the layer that set the keys involved, else ``fallback``."""
@@ -614,11 +662,7 @@ def _compose(layers: Sequence[tuple[str, Any, str]], fallback: str = "") -> Dist
             if any(_related(g, key) for g in given) and not any(_related(g, other) for g in given):
                 if OmegaConf.select(cfg, key) is not None:
                     OmegaConf.update(cfg, other, None)
-    # A pretrained model.student displaces the default student_init (the built-in default prunes).
-    student_given = any(_related(g, "model.student") for g in given)
-    if student_given and OmegaConf.select(cfg, "model.student") is not None:
-        if not any(_related(g, "model.student_init") for g in given):
-            OmegaConf.update(cfg, "model.student_init", "auto")
+    _displace_quickstart_defaults(cfg, given)
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError as e:

@@ -75,15 +75,25 @@ class InstructionRow:
         return self.references[0]
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, source: str = "<memory>", row_number: int = 0):
-        """Validate a dict in MiniLLM / Alpaca layout; raises DataError naming ``source`` and ``row_number``."""
+    def from_record(
+        cls,
+        record: Mapping[str, Any],
+        *,
+        source: str = "<memory>",
+        row_number: int = 0,
+        need_output: bool = True,
+    ):
+        """Validate a dict in MiniLLM / Alpaca layout; raises DataError naming ``source`` and ``row_number``.
+        ``need_output=False``: a prompt-only row (its reference is "" until the teacher answers it)."""
         try:
-            return _parse_record(record, {f: f for f in FIELDS}, source, row_number)
+            return _parse_record(record, {f: f for f in FIELDS}, source, row_number, need_output)
         except _BadRow as bad:
             raise DataError(f"{source}, row {row_number}: {bad}") from None
 
 
-def _parse_record(record: Any, fmap: Mapping[str, str], source: str, row_number: int) -> InstructionRow:
+def _parse_record(
+    record: Any, fmap: Mapping[str, str], source: str, row_number: int, need_output: bool = True
+) -> InstructionRow:
     if not isinstance(record, Mapping):
         raise _BadRow(f"expected an object with fields {FIELDS}, got {type(record).__name__}")
     values = {}
@@ -98,7 +108,9 @@ def _parse_record(record: Any, fmap: Mapping[str, str], source: str, row_number:
     if prompt is None and instruction is None:
         raise _BadRow(f"needs a non-empty '{fmap['prompt']}' (rendered prompt) or '{fmap['instruction']}'")
     output = values["output"]
-    if output is None:
+    if not need_output and (output is None or output == "" or output == []):
+        output = ""
+    elif output is None:
         raise _BadRow(f"missing '{fmap['output']}' (the response)")
     references = [output] if isinstance(output, str) else output
     if not isinstance(references, list | tuple) or not references:
@@ -108,7 +120,7 @@ def _parse_record(record: Any, fmap: Mapping[str, str], source: str, row_number:
     for k, ref in enumerate(references, 1):
         if not isinstance(ref, str):
             raise _BadRow(f"reference {k} of '{fmap['output']}' must be a string, got {type(ref).__name__}")
-        if not ref.strip():
+        if not ref.strip() and need_output:
             raise _BadRow(f"reference {k} of '{fmap['output']}' is empty or whitespace (empty response)")
     meta = {k: v for k, v in record.items() if k not in fmap.values() and _is_meta_value(v)}
     return InstructionRow(
@@ -191,6 +203,7 @@ def load_instruction_rows(
     max_rows: int | None = None,
     field_map: Mapping[str, str] | None = None,
     cache_dir: str | Path | None = None,
+    need_output: bool = True,
 ) -> LoadedRows:
     """Load and validate instruction rows with Hugging Face ``datasets``.
 
@@ -203,6 +216,8 @@ def load_instruction_rows(
     on_bad_row: "error" raises DataError at the first malformed row (file + 1-based row number + reason);
         "skip" skips it, counts it in ``num_bad``, keeps the first reasons in ``bad_examples`` and logs a warning.
     max_rows: stop after this many usable rows. A file or dataset with zero usable rows is always an error.
+    need_output=False: prompts only (the teacher will write the responses); a missing or empty ``output`` is
+        kept as the single reference "".
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -215,14 +230,14 @@ def load_instruction_rows(
     result = LoadedRows(rows=[])
     for label, columns, records in _open_sources(source, split, cache_dir):
         if columns is not None:
-            _check_columns(label, columns, fmap)
+            _check_columns(label, columns, fmap, need_output)
         result.sources.append(label)
         num_good = num_bad_here = 0
         for row_number, record in records:
             try:
                 if isinstance(record, _BadRow):
                     raise record
-                result.rows.append(_parse_record(record, fmap, label, row_number))
+                result.rows.append(_parse_record(record, fmap, label, row_number, need_output))
                 num_good += 1
             except _BadRow as bad:
                 where = f"{label}, row {row_number}: {bad}"
@@ -245,9 +260,11 @@ def load_instruction_rows(
     return result
 
 
-def _check_columns(label: str, columns: Sequence[str], fmap: Mapping[str, str]) -> None:
+def _check_columns(
+    label: str, columns: Sequence[str], fmap: Mapping[str, str], need_output: bool = True
+) -> None:
     has_prompt = fmap["prompt"] in columns or fmap["instruction"] in columns
-    if not has_prompt or fmap["output"] not in columns:
+    if not has_prompt or (need_output and fmap["output"] not in columns):
         raise DataError(
             f"{label}: columns {list(columns)} fit no accepted layout: need '{fmap['output']}' and "
             f"'{fmap['prompt']}' (MiniLLM) or '{fmap['instruction']}' (+ '{fmap['input']}') (Alpaca); "

@@ -135,7 +135,9 @@ def generated_prompts(num_rows: int, seed: int = 0) -> list[dict[str, str]]:
         task = rng.choice(tasks)
         instruction = _fill(task, rng.choice(TEMPLATES[task]), rng)
         attempts += 1
-        if instruction in seen and attempts < 20 * num_rows:  # the space is large; repeats only when it is not
+        if (
+            instruction in seen and attempts < 20 * num_rows
+        ):  # the space is large; repeats only when it is not
             continue
         seen.add(instruction)
         prompt = format_alpaca_prompt(instruction)
@@ -144,7 +146,9 @@ def generated_prompts(num_rows: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Print generated instruction prompts (JSON Lines, no response).")
+    parser = argparse.ArgumentParser(
+        description="Print generated instruction prompts (JSON Lines, no response)."
+    )
     parser.add_argument("--num-rows", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -97,7 +97,7 @@ def run_ablate(
     model = teacher.load(dtype).to(device)
     dataset = None
     if stability or (ablate and eval_data is None):
-        dataset = train_dataset(cfg, tokenizer, env)
+        dataset = train_dataset(cfg, tokenizer, env, engine=model, teacher_name=teacher.name)
 
     result = None
     if ablate:

@@ -23,6 +23,8 @@ from flexkd_ds.runtime.engines import build_teacher_engine, deepspeed_dict, engi
 logger = logging.getLogger("flexkd_ds")
 
 BUILTIN_SYNTHETIC = "builtin:synthetic"
+BUILTIN_PROMPTS = "builtin:prompts"
+HELDOUT_PROMPTS = 32  # data.valid=builtin:prompts: generated prompts that are not among the training prompts
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -129,14 +131,38 @@ def check_models(cfg: DistillConfig, teacher: ModelSpec, student: ModelSpec, tok
         logger.warning(warning)
 
 
-def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None):
-    """Instruction rows of a dataset source, or the built-in generated set."""
+def needs_teacher_responses(cfg: DistillConfig, valid: bool = False) -> bool:
+    """Whether the teacher writes the responses of the training (or validation) rows."""
+    return cfg.data.valid == BUILTIN_PROMPTS if valid else cfg.data.responses == "teacher"
+
+
+def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None, *, valid: bool = False):
+    """Instruction rows of a dataset source, or a built-in generated set (prompt-only rows when the teacher
+    writes the responses)."""
     if source == BUILTIN_SYNTHETIC:
         from flexkd_ds.inputs.synthetic import synthetic_instructions
 
         return synthetic_instructions(cfg.data.num_synthetic, seed=cfg.seed)
+    need_output = not needs_teacher_responses(cfg, valid)
+    if source == BUILTIN_PROMPTS:
+        from flexkd_ds.inputs.prompts import generated_prompts
+
+        rows = generated_prompts(cfg.data.num_synthetic, seed=cfg.seed)
+        if valid:  # held out: other prompts than the training ones
+            seen = {row["instruction"] for row in rows}
+            more = generated_prompts(cfg.data.num_synthetic + 4 * HELDOUT_PROMPTS, seed=cfg.seed + 1)
+            rows = [row for row in more if row["instruction"] not in seen][:HELDOUT_PROMPTS]
+        return [
+            data.InstructionRow.from_record(row, source=source, row_number=i + 1, need_output=False)
+            for i, row in enumerate(rows)
+        ]
     loaded = data.load_instruction_rows(
-        source, split=split, on_bad_row=cfg.data.on_bad_row, max_rows=max_rows, field_map=cfg.data.field_map
+        source,
+        split=split,
+        on_bad_row=cfg.data.on_bad_row,
+        max_rows=max_rows,
+        field_map=cfg.data.field_map,
+        need_output=need_output,
     )
     if loaded.num_bad:
         logger.warning("data: %s", loaded.summary())
@@ -144,14 +170,24 @@ def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None)
 
 
 def train_dataset(
-    cfg: DistillConfig, tokenizer, env: DistEnv, *, valid: bool = False
+    cfg: DistillConfig, tokenizer, env: DistEnv, *, valid: bool = False, engine=None, teacher_name: str = ""
 ) -> data.InstructionDataset:
-    """The tokenised training set (or, with ``valid=True``, ``data.valid``)."""
+    """The tokenised training set (or, with ``valid=True``, ``data.valid``). When the teacher writes the
+    responses (``needs_teacher_responses``), ``engine`` is the teacher's engine (jobs.responses)."""
     source, split = (
         (cfg.data.valid, cfg.data.valid_split) if valid else (cfg.data.train, cfg.data.train_split)
     )
     with main_first(env):
-        rows = load_rows(cfg, source, split, None if valid else cfg.data.max_train_rows)
+        rows = load_rows(cfg, source, split, None if valid else cfg.data.max_train_rows, valid=valid)
+    if needs_teacher_responses(cfg, valid):
+        from flexkd_ds.jobs.responses import teacher_responses
+
+        if engine is None:
+            raise RuntimeError("internal: the teacher writes the responses but no teacher engine was passed")
+        rows = teacher_responses(
+            cfg, engine, list(rows), tokenizer, env, teacher_name, "valid" if valid else "train"
+        )
+    with main_first(env):
         return data.InstructionDataset(
             rows,
             tokenizer,

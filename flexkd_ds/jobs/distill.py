@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 from flexkd_ds.inputs import data
 from flexkd_ds.inputs.config import DistillConfig, dump_yaml
 from flexkd_ds.jobs.common import (
+    BUILTIN_PROMPTS,
     check_models,
     existing_importance,
     model_specs,
+    needs_teacher_responses,
     setup_logging,
     teacher_engine,
     train_dataset,
@@ -137,16 +139,21 @@ def run_distill(cfg: DistillConfig) -> Path:
     check_models(cfg, teacher, student, tokenizer)
     if cfg.model.resolved_student_init == "pruned":
         check_prune_request(cfg, teacher.config, student.width)
-    dataset = train_dataset(cfg, tokenizer, env)
-    valid_set = train_dataset(cfg, tokenizer, env, valid=True) if cfg.data.valid and t.eval_every else None
     pad_id = data.pad_token_id(tokenizer)
     pruned = cfg.model.resolved_student_init == "pruned"
-    needs_teacher = weights.uses_feature or weights.uses_logit or pruned
-    t_engine = teacher_engine(cfg, teacher, env, t.micro_batch_size) if needs_teacher else None
-
     uses_units = (weights.feature_loss == "flexkd" and weights.uses_feature) or pruned
     found = existing_importance(cfg, teacher, student.width) if uses_units else None  # refuses a foreign file
-    if env.is_main:  # inputs checked: only now write to output_dir (a refused launch leaves it as it was)
+    # the teacher also writes responses (data.responses=teacher) and scores the held-out set at the end
+    needs_teacher = weights.uses_feature or weights.uses_logit or pruned or needs_teacher_responses(cfg)
+    needs_teacher = needs_teacher or cfg.data.valid is not None
+    t_engine = teacher_engine(cfg, teacher, env, t.micro_batch_size) if needs_teacher else None
+    dataset = train_dataset(cfg, tokenizer, env, engine=t_engine, teacher_name=teacher.name)
+    valid_set = None
+    if cfg.data.valid:
+        valid_set = train_dataset(cfg, tokenizer, env, valid=True, engine=t_engine, teacher_name=teacher.name)
+    if (
+        env.is_main
+    ):  # inputs checked: only now write the config (a refused launch leaves output_dir as it was)
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, out / "config.resolved.yaml")
         logger.info("resolved config written to %s", out / "config.resolved.yaml")
@@ -171,8 +178,13 @@ def run_distill(cfg: DistillConfig) -> Path:
         student = pruned_spec(student_dir, cfg.seed)
     if not (weights.feature_loss == "flexkd" and weights.uses_feature):
         unit_indices = None
+    teacher_valid = None
+    if (
+        valid_set is not None and t_engine is not None
+    ):  # the reference the student's held-out NLL is read against
+        teacher_valid = validation_loss(_teacher_logits(t_engine), valid_set, env, pad_id, t.micro_batch_size)
     if not (weights.uses_feature or weights.uses_logit):
-        t_engine = None  # only the pruning needed it
+        t_engine = None  # only the pruning / the responses / the reference needed it
 
     s_ds = student_ds_dict(cfg, env, out)
     with sharded_init(s_ds, enabled=student.source is not None):  # random init: built whole, same weights
@@ -197,6 +209,11 @@ def run_distill(cfg: DistillConfig) -> Path:
     )
     ckpt_dir = out / "checkpoints"
     start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash)
+    student_valid_start = None
+    if valid_set is not None and start_step == 0:
+        student_valid_start = validation_loss(
+            _student_logits(s_engine), valid_set, env, pad_id, t.micro_batch_size
+        )
 
     preemption = Preemption()
     if env.is_main:
@@ -234,8 +251,10 @@ def run_distill(cfg: DistillConfig) -> Path:
             )
             step += 1
             last.update(step=step, lr=lr)
-            if valid_set is not None and (step % t.eval_every == 0 or step == t.max_steps):
-                last["valid_lm"] = validation_loss(s_engine, valid_set, env, pad_id, t.micro_batch_size)
+            if valid_set is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
+                last["valid_lm"] = validation_loss(
+                    _student_logits(s_engine), valid_set, env, pad_id, t.micro_batch_size
+                )
             if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
                 metrics_file.write(json.dumps(last) + "\n")
                 metrics_file.flush()
@@ -258,8 +277,28 @@ def run_distill(cfg: DistillConfig) -> Path:
     if env.is_main:
         terms = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("loss", "lm", "logit", "feature"))
         logger.info("done: %d steps; last step %s", step, terms)
+        if "valid_lm" in last:
+            report = heldout_report(
+                cfg, len(valid_set), student_valid_start, last["valid_lm"], teacher_valid, start_step
+            )
+            logger.info(report["text"])
+            (out / "heldout.json").write_text(json.dumps(report["numbers"], indent=1) + "\n")
         logger.info("student (Hugging Face format): %s", student_dir)
     return student_dir
+
+
+def heldout_report(cfg, rows: int, start, end, teacher, start_step: int) -> dict:
+    """What the run bought, on data.valid: the student's response NLL before and after, and the teacher's."""
+    numbers = {"data": cfg.data.valid, "rows": rows, "student_start": start, "student_end": end,
+               "teacher": teacher, "steps": cfg.train.max_steps, "resumed_from_step": start_step or None}  # fmt: skip
+    where = f"held-out {cfg.data.valid} ({rows} rows)"
+    if cfg.data.valid == BUILTIN_PROMPTS:
+        where += ", prompts never trained on, answered by the teacher"
+    parts = [f"student {start:.3f} -> {end:.3f}" if start is not None else f"student {end:.3f}"]
+    if teacher is not None:
+        parts.append(f"teacher {teacher:.3f}")
+    text = f"{where}: response NLL (nats/token) " + ", ".join(parts)
+    return {"text": text, "numbers": numbers}
 
 
 def train_step(
@@ -329,19 +368,35 @@ def train_step(
     }
 
 
-def validation_loss(s_engine, valid_set, env: DistEnv, pad_id: int, batch_size: int) -> float:
-    """Student LM loss (mean NLL per response token) on the validation set, sharded over ranks; every rank
-    runs the same number of forwards (padded batches), as ZeRO-3 requires."""
+def _student_logits(s_engine):
+    def forward(input_ids, attention_mask):
+        s_engine.eval()
+        try:
+            return s_engine(input_ids, attention_mask)[0]
+        finally:
+            s_engine.train()
+
+    return forward
+
+
+def _teacher_logits(t_engine):
+    return lambda input_ids, attention_mask: (
+        t_engine(input_ids=input_ids, attention_mask=attention_mask).logits
+    )
+
+
+def validation_loss(forward, valid_set, env: DistEnv, pad_id: int, batch_size: int) -> float:
+    """LM loss (mean NLL per response token) of ``forward(input_ids, attention_mask) -> logits`` on the
+    validation set, sharded over ranks; every rank runs the same number of forwards (padded batches), as
+    ZeRO-3 requires."""
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)
-    s_engine.eval()
     with torch.no_grad():
         for positions in sampling.shard_for_scoring(len(valid_set), env.rank, env.world_size, batch_size):
             batch = data.collate([None if p is None else valid_set[p] for p in positions], pad_id)
             batch = {k: v.to(env.device) for k, v in batch.items()}
-            logits, _, _ = s_engine(batch["input_ids"], batch["attention_mask"])
+            logits = forward(batch["input_ids"], batch["attention_mask"])
             totals[0] += float(lm_loss(logits, batch["labels"], reduction="sum"))
             totals[1] += float(batch["loss_mask"].sum())
-    s_engine.train()
     totals = all_reduce_sum(totals)
     return float(totals[0] / totals[1].clamp_min(1))
 

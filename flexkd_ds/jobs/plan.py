@@ -108,6 +108,15 @@ def resolve_models(cfg: DistillConfig) -> tuple[ResolvedModel, ResolvedModel]:
         return teacher, _pretrained("student", m.student, m.student_gguf_file)
     arch = dict(m.student_arch)
     try:
+        if m.resolved_student_init == "pruned":
+            from flexkd_ds.method.prune import planned_config
+
+            s_config = planned_config(
+                teacher.config, arch["hidden_size"], cfg.prune.num_layers, cfg.prune.intermediate_size
+            )
+            return teacher, ResolvedModel(
+                "student", "pruned student", "cut from the teacher (prune.*)", s_config
+            )
         if arch.pop("from_teacher", False):
             s_config, origin = models.narrow_student_config(teacher.config, **arch), "narrowed teacher config"
         else:
@@ -260,6 +269,7 @@ class PlanReport:
     totals_gib: dict[str, float] = field(default_factory=dict)
     fits: bool | None = None
     suggestions: list[dict] = field(default_factory=list)
+    before_training: list[str] = field(default_factory=list)  # what the prune / response passes need
 
     @property
     def world(self) -> int:
@@ -400,7 +410,34 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
     report.fits = est.peak + reserve <= gpu_mem_gib * GIB
     if not report.fits and not report.errors:
         report.suggestions = planner.suggest(base)
+    report.before_training = before_training(cfg, t, s, t_zero, gpu_mem_gib)
     return report
+
+
+def before_training(
+    cfg: DistillConfig, t: ModelShape, s: ModelShape, t_zero: ZeroSetup, gpu_mem_gib: float
+) -> list[str]:
+    """Lines on the passes that run before the first step: the prune job (model.student_init=pruned) and the
+    teacher's responses (data.responses=teacher); both run beside the teacher's ZeRO-3 shard only."""
+    lines = []
+    if cfg.model.resolved_student_init == "pruned":
+        biggest = max(t.tensor_numels) * t_zero.param_bytes / GIB
+        student_fp32 = s.params * 4 / GIB
+        lines.append(
+            f"prune job: each teacher tensor is gathered alone (largest {biggest:.2f} GiB per GPU above the "
+            f"ZeRO-3 shard); rank 0 keeps the student's slices in CPU RAM ({student_fp32:.2f} GiB fp32, "
+            f"{_count(s.params)} parameters) and writes <output_dir>/pruned_student; statistics over "
+            f"prune.num_examples={cfg.prune.num_examples} examples use the importance pass's memory"
+        )
+    if cfg.data.responses == "teacher" or cfg.data.valid == "builtin:prompts":
+        whole = t.params * t_zero.param_bytes / GIB
+        where = "gathered whole on every GPU" if whole <= gpu_mem_gib / 2 else "in ZeRO-3 with synced ranks"
+        lines.append(
+            f"teacher responses: the teacher ({whole:.2f} GiB) writes them {where} (whole when it fits half the "
+            f"free memory), up to data.response_tokens={cfg.data.response_tokens} tokens each, before training; "
+            "cached in <output_dir>/teacher_responses.jsonl"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -449,6 +486,8 @@ def format_report(report: PlanReport, title: str = "") -> str:
         if report.cpu_per_node_gib:
             lines += ["", f"  {'CPU RAM per node':<58} {'GiB':>8}"]
             lines += [f"  {k:<58} {v:>8.2f}" for k, v in report.cpu_per_node_gib.items()]
+        if report.before_training:
+            lines += ["", "  before training:"] + [f"  - {line}" for line in report.before_training]
     lines.append("")
     if report.errors:
         lines.append("INVALID: fix the errors above (exit 1)")

@@ -236,9 +236,9 @@ def run_prune(cfg: DistillConfig) -> Path:
     teacher, student, tokenizer = model_specs(cfg)
     check_prune_request(cfg, teacher.config, student.width)
     check_models(cfg.replace(**{"loss.feature_loss": "flexkd"}), teacher, student, tokenizer)
-    dataset = train_dataset(cfg, tokenizer, env)
     found = existing_importance(cfg, teacher, student.width)
     engine = teacher_engine(cfg, teacher, env, cfg.importance.batch_size)
+    dataset = train_dataset(cfg, tokenizer, env, engine=engine, teacher_name=teacher.name)
     if found is None:
         accumulator = score_teacher(cfg, engine, dataset, env, data.pad_token_id(tokenizer))
         found = write_importance(cfg, teacher, accumulator, student.width, env)

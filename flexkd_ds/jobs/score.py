@@ -135,8 +135,8 @@ def run_score(cfg: DistillConfig, compare: str | None = None) -> importance.Impo
             f"Flex-KD selects d_S of the teacher's d_T units; the student width d_S={student.width} must be "
             f"smaller than the teacher's d_T={teacher.width} ({student.name} vs {teacher.name})"
         )
-    dataset = train_dataset(cfg, tokenizer, env)
     engine = teacher_engine(cfg, teacher, env, cfg.importance.batch_size)
+    dataset = train_dataset(cfg, tokenizer, env, engine=engine, teacher_name=teacher.name)
     accumulator = score_teacher(cfg, engine, dataset, env, data.pad_token_id(tokenizer))
     found = write_importance(cfg, teacher, accumulator, student.width, env)
     if env.is_main:

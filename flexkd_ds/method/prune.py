@@ -592,6 +592,24 @@ def pruned_config(teacher_config: PretrainedConfig, plan: PrunePlan) -> Pretrain
     return config
 
 
+def planned_config(
+    teacher_config: PretrainedConfig,
+    d_student: int,
+    num_layers: int | None = None,
+    intermediate_size: int | None = None,
+) -> PretrainedConfig:
+    """The config a pruned student of these sizes will have, known before any statistics (for the planner):
+    which units, layers, neurons and heads are kept does not change the shapes."""
+    shapes = teacher_shapes(teacher_config)
+    depth = num_layers or shapes.num_layers
+    heads = None
+    if shapes.family != "llama" and not shapes.projected:  # whole heads carry the pruned residual
+        heads = [list(range(d_student // shapes.head_dim))] * depth
+    mlp = [list(range(intermediate_size))] * depth if intermediate_size else None
+    plan = PrunePlan(shapes.family, list(range(d_student)), list(range(depth)), mlp, heads)
+    return pruned_config(teacher_config, plan)
+
+
 def _split_prefix(name: str, family: _Family) -> tuple[str, str]:
     """(base-model prefix or "", the rest) of a tensor name."""
     prefix = next((p for p in family.prefixes if name.startswith(p)), "")
