@@ -313,7 +313,7 @@ def test_valid_combinations(overrides):
 def test_config_help_lists_every_field():
     text = C.config_help()
     keys = leaf_keys()
-    assert len(keys) == 68  # 2 top-level + 9 + 15 + 12 + 6 + 5 + 16 + 3
+    assert len(keys) == 69  # 2 top-level + 9 + 16 + 12 + 6 + 5 + 16 + 3
     for key in keys:
         assert f"  {key}: " in text, key
     assert "train.max_steps: int = 60  (>= 1)" in text

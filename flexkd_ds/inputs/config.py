@@ -185,6 +185,9 @@ class DataConfig:
     response_tokens: int = _opt(128, "data.responses=teacher: most tokens per response.", ge=1)
     response_temperature: float = _opt(0.7, "data.responses=teacher: sampling temperature; 0 = greedy.", ge=0)
     response_top_p: float = _opt(0.9, "data.responses=teacher: nucleus sampling mass.", gt=0, le=1)
+    response_batch_size: int = _opt(
+        32, "data.responses=teacher: prompts per generation batch per rank.", ge=1
+    )
     max_train_rows: int | None = _opt(None, "Use at most this many training rows; null = all.", ge=1)
     field_map: dict | None = _opt(
         None,

@@ -40,7 +40,6 @@ logger = logging.getLogger("flexkd_ds")
 RESPONSES_FILE = "teacher_responses.jsonl"
 RECIPE_FILE = "teacher_responses.json"
 _SECTION = re.compile(r"\n\s*###")
-GENERATION_BATCH = 16
 
 
 def clean_response(text: str) -> str:
@@ -158,7 +157,7 @@ def teacher_responses(
             tokenizer,
             [prompts[i] for i in mine],
             max_new_tokens=d.response_tokens,
-            batch_size=GENERATION_BATCH,
+            batch_size=d.response_batch_size,
             do_sample=sample,
             seed=cfg.seed,
             temperature=d.response_temperature if sample else 1.0,
