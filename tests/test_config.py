@@ -51,11 +51,11 @@ def test_default_config_matches_the_brief():
     assert cfg.output_dir == "outputs/quickstart" and cfg.seed == 1234
     assert cfg.model.teacher == "smollm2-135m-instruct" and cfg.model.teacher_arch is None
     assert cfg.model.student is None and cfg.model.student_arch["from_teacher"] is True
-    assert cfg.model.student_arch["hidden_size"] == 378 and cfg.model.dtype == "auto"
+    assert cfg.model.student_arch["hidden_size"] == 432 and cfg.model.dtype == "auto"
     assert cfg.model.resolved_student_init == "pruned"  # the quickstart cuts its student from the teacher
     assert (cfg.data.train, cfg.data.max_length, cfg.data.on_bad_row) == ("builtin:prompts", 256, "error")
     assert (cfg.data.responses, cfg.data.valid) == ("teacher", "builtin:prompts")
-    assert (cfg.loss.feature_loss, cfg.loss.logit_loss, cfg.loss.alpha) == ("flexkd", "rkl", 0.05)
+    assert (cfg.loss.feature_loss, cfg.loss.logit_loss, cfg.loss.alpha) == ("flexkd", "fkl", 0.05)
     assert cfg.train.betas == (0.9, 0.999) and cfg.train.lr_schedule == "cosine"
     assert cfg.deepspeed.student_config == "ds_configs/student_zero2.json"
     assert cfg.importance.resolved_path("/o") == Path("/o/importance.safetensors")
@@ -159,7 +159,7 @@ def test_missing_or_unsupported_files(tmp_path):
         ("output_dir=2024", lambda c: c.output_dir, "2024"),  # a str field keeps the text
         ("train.resume=no", lambda c: c.train.resume, "no"),  # not YAML 1.1's False
         ("model.student_arch.num_layers=2", lambda c: c.model.student_arch["num_layers"], 2),
-        ("model.student_arch.num_layers=2", lambda c: c.model.student_arch["hidden_size"], 378),
+        ("model.student_arch.num_layers=2", lambda c: c.model.student_arch["hidden_size"], 432),
         ("loss={alpha: 0.5}", lambda c: (c.loss.alpha, c.loss.feature_loss), (0.5, "flexkd")),
         ("train.max_steps=", lambda c: c.train.max_steps, "error"),
     ],
@@ -236,7 +236,7 @@ def test_direct_construction_is_checked_too():
 def test_replace_validates_and_accepts_dotted_keys():
     cfg = DistillConfig()
     new = cfg.replace(**{"train.max_steps": 5, "loss.feature_loss": "cka"}, seed=3)
-    assert (new.train.max_steps, new.loss.feature_loss, new.seed, cfg.train.max_steps) == (5, "cka", 3, 60)
+    assert (new.train.max_steps, new.loss.feature_loss, new.seed, cfg.train.max_steps) == (5, "cka", 3, 24)
     assert cfg.replace(train=C.TrainConfig(lr=1e-3)).train.lr == 1e-3
     with pytest.raises(ConfigError, match="train.max_steps must be >= 1"):
         cfg.replace(**{"train.max_steps": 0})
@@ -258,7 +258,7 @@ def test_replace_validates_and_accepts_dotted_keys():
             "not a multiple of model.student_arch.num_kv_heads=3",
         ),
         (["model.student_arch.vocab_size=10"], "from_teacher student shares the teacher's tokenizer"),
-        (["model.teacher_arch={hidden_size: 64}"], "d_S=378 of the teacher's d_T=64"),
+        (["model.teacher_arch={hidden_size: 64}"], "d_S=432 of the teacher's d_T=64"),
         (["data.max_prompt_length=256"], "data.max_prompt_length=256 leaves no room"),
         (["loss.alpha=0", "loss.beta=0", "loss.lm_weight=0"], "every loss term is off"),
         (["loss.feature_loss=none", "loss.logit_loss=none", "loss.lm_weight=0"], "every loss term is off"),
@@ -316,7 +316,7 @@ def test_config_help_lists_every_field():
     assert len(keys) == 69  # 2 top-level + 9 + 16 + 12 + 6 + 5 + 16 + 3
     for key in keys:
         assert f"  {key}: " in text, key
-    assert "train.max_steps: int = 60  (>= 1)" in text
+    assert "train.max_steps: int = 24  (>= 1)" in text
     assert "loss.feature_loss: flexkd | projector | cka | none = flexkd" in text
     for section in ("model:", "data:", "loss:", "importance:", "prune:", "train:", "deepspeed:"):
         assert f"\n{section}" in text

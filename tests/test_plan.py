@@ -328,7 +328,9 @@ def test_every_recipe_plans_offline(recipe):
 def test_pruned_student_is_planned_at_its_cut_shape_and_the_passes_before_training_are_reported():
     """SmolLM2 (576 wide, 30 layers, 9 x 64 heads, MLP 1536, tied 49152 x 576 embedding) cut to 378 wide, 24
     layers, MLP 1024: the student's parameters are counted by hand here."""
-    cfg = load_config(None, ["prune.num_layers=24", "prune.intermediate_size=1024"])
+    cfg = load_config(
+        None, ["model.student_arch.hidden_size=378", "prune.num_layers=24", "prune.intermediate_size=1024"]
+    )
     report = P.plan(cfg, nodes=1, gpus_per_node=1, gpu_mem_gib=80)
     d, layers, mlp, q, kv = 378, 24, 1024, 9 * 64, 3 * 64
     per_layer = d * q * 2 + d * kv * 2 + 3 * d * mlp + 2 * d  # q,o + k,v + gate,up,down + two RMSNorm weights

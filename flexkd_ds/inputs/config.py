@@ -83,7 +83,7 @@ class ModelConfig:
     )
     student: str | None = _opt(None, "Pretrained student (dir, hub name, .gguf); null = model.student_arch.")
     student_arch: dict | None = _opt(
-        dict(from_teacher=True, hidden_size=378),
+        dict(from_teacher=True, hidden_size=432),
         "The student's sizes. Pruned: {from_teacher: true, hidden_size: d_S} (depth and MLP from prune.*). "
         "Random: from_teacher: true = a narrow copy of the teacher's config (same tokenizer) with these sizes "
         "(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size); false = tiny-config kwargs as in "
@@ -175,14 +175,14 @@ class DataConfig:
         "printed at the end and written to heldout.json; null = none. Another data.train makes the default null.",
     )
     valid_split: str = _opt("validation", "Split of data.valid.")
-    num_synthetic: int = _opt(192, "Examples that builtin:synthetic or builtin:prompts generates.", ge=1)
+    num_synthetic: int = _opt(160, "Examples that builtin:synthetic or builtin:prompts generates.", ge=1)
     responses: Literal["dataset", "teacher"] = _opt(
         "teacher",
         "Training responses: dataset = the data's output column; teacher = the teacher writes one per prompt "
         "before training (sequence-level KD), cached in <output_dir>/teacher_responses.jsonl. data.valid keeps "
         "its own references. Another data.train makes the default dataset.",
     )
-    response_tokens: int = _opt(128, "data.responses=teacher: most tokens per response.", ge=1)
+    response_tokens: int = _opt(96, "data.responses=teacher: most tokens per response.", ge=1)
     response_temperature: float = _opt(0.7, "data.responses=teacher: sampling temperature; 0 = greedy.", ge=0)
     response_top_p: float = _opt(0.9, "data.responses=teacher: nucleus sampling mass.", gt=0, le=1)
     response_batch_size: int = _opt(
@@ -232,7 +232,9 @@ class LossConfig:
         "flexkd", "flexkd = correlation on selected teacher units; projector = Linear + MSE; cka; none = off."
     )
     logit_loss: Literal["rkl", "fkl", "jsd", "skew_fkl", "skew_rkl", "tvd", "none"] = _opt(
-        "rkl", "Divergence between teacher and student token distributions; none = off."
+        "fkl",
+        "Divergence between teacher and student token distributions (fkl = forward KL(p_T || p_S), rkl = reverse "
+        "KL as in the paper's instruction-following setup, ...); none = off.",
     )
     alpha: float = _opt(0.05, "Weight of the feature loss.", ge=0)
     beta: float = _opt(1.0, "Weight of the logit loss.", ge=0)
@@ -285,7 +287,7 @@ class ImportanceConfig:
     functional: Literal["sum_logprobs", "label_logprob"] = _opt(
         "sum_logprobs", "F whose tangent is scored: sum_t sum_v log p (paper), or sum_t log p[label]."
     )
-    num_examples: int = _opt(256, "Training examples to score (over all ranks); -1 = all.", ge=-1)
+    num_examples: int = _opt(64, "Training examples to score (over all ranks); -1 = all.", ge=-1)
     batch_size: int = _opt(4, "Examples per rank per teacher forward.", ge=1)
     chunk_tokens: int = _opt(
         4096, "Tokens per chunk of the closed form (bounds the (tokens, V) buffer).", ge=1
@@ -341,7 +343,7 @@ class TrainConfig:
     """Optimisation, schedule, logging and checkpoints of the student."""
 
     _section = "train"
-    max_steps: int = _opt(60, "Optimizer steps.", ge=1)
+    max_steps: int = _opt(24, "Optimizer steps.", ge=1)
     micro_batch_size: int = _opt(4, "Examples per rank per forward.", ge=1)
     grad_accum: int = _opt(1, "Micro-batches per optimizer step.", ge=1)
     global_batch_size: int | None = _opt(None, "If set: micro_batch_size x grad_accum x world size.", ge=1)

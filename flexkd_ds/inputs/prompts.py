@@ -83,7 +83,7 @@ GROUPS = {
 
 TEMPLATES: dict[str, list[str]] = {
     "open_qa": [
-        "What is {concept}?", "How does {concept} work?", "Why is {concept} important?",
+        "What is {concept}?", "What should everyone know about {concept}?", "Why does {concept} matter?",
         "Tell me about {concept}.", "What are some interesting facts about {concept}?",
         "Explain {concept} to a ten-year-old.", "Explain {concept} in two or three sentences.",
     ],
@@ -123,17 +123,18 @@ def _fill(task: str, template: str, rng: random.Random) -> str:
 
 def generated_prompts(num_rows: int, seed: int = 0) -> list[dict[str, str]]:
     """``num_rows`` distinct instruction rows (no response), deterministic for ``seed``; the first k rows are
-    the same for any ``num_rows`` >= k. Tasks are drawn uniformly, then a template, then its fillers."""
+    the same for any ``num_rows`` >= k. A template is drawn uniformly (so a family's share is its number of
+    templates: one classification template, which small teachers answer worst), then its fillers."""
     if num_rows < 1:
         raise ValueError(f"num_rows must be >= 1, got {num_rows}")
     rng = random.Random(seed)
-    tasks = sorted(TEMPLATES)
+    templates = [(task, template) for task in sorted(TEMPLATES) for template in TEMPLATES[task]]
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
     attempts = 0
     while len(rows) < num_rows:
-        task = rng.choice(tasks)
-        instruction = _fill(task, rng.choice(TEMPLATES[task]), rng)
+        task, template = rng.choice(templates)
+        instruction = _fill(task, template, rng)
         attempts += 1
         if (
             instruction in seen and attempts < 20 * num_rows
