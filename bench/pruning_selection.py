@@ -1,6 +1,6 @@
 """Does the channel selection matter for a student pruned from the teacher? Three selections, one width.
 
-    python bench/pruning_selection.py --out runs/pruning_selection      # defaults: 3 seeds, width 378
+    python bench/pruning_selection.py --out runs/pruning_selection      # defaults: 3 seeds, width 432
 
 Smoke run (about two minutes on a CPU):
 
@@ -26,7 +26,8 @@ and the prune statistics: block importance, MLP magnitudes, norm ratios) and the
 three selections of a seed share both. Measured: response NLL (nats/token, ``metrics.response_nll``) on the
 first ``--eval-rows`` rows of ``--valid``, zero-shot (right after the cut) and after a short heal of
 ``--heal-steps`` AdamW steps (cosine to 0, clip 1.0) on LM loss + reverse KL to the teacher's logits
-(``losses.lm_loss`` + ``losses.logit_divergence(kind="rkl")``, weight 1 each, response tokens). The teacher's
+(``losses.lm_loss`` + ``losses.logit_divergence(kind=--logit)``, forward KL by default as in the quickstart,
+weight 1 each, response tokens). The teacher's
 LM-head input on the healing batches is computed once per seed and kept; its logits are ``lm_head`` of it.
 
 Runs are cached as JSON under ``--out/runs/<selection>_seed<k>.json`` (an interrupted benchmark resumes; a run
@@ -53,7 +54,7 @@ from flexkd_ds.method import importance, losses, prune
 SELECTIONS = ("flexkd", "magnitude", "random")
 # What makes two runs of one selection and seed the same run (a cached run with other values is run again).
 RUN_KEYS = ("teacher", "train", "valid", "train_rows", "width", "num_layers", "intermediate_size",
-            "score_examples", "eval_rows", "heal_steps", "batch", "lr", "max_length")  # fmt: skip
+            "score_examples", "eval_rows", "heal_steps", "batch", "lr", "max_length", "logit")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[1, 2, 3], help="scoring rows, data order, random units"
     )
-    p.add_argument("--width", type=int, default=378,
+    p.add_argument("--logit", default="fkl", choices=("fkl", "rkl"), help="logit divergence of the heal")
+    p.add_argument("--width", type=int, default=432,
                    help="d_S, kept residual channels (< d_T = 576; LLaMA: a multiple of its 9 heads)")  # fmt: skip
     p.add_argument("--num-layers", type=int, default=None, help="layers kept (make_plan; default: all)")
     p.add_argument(
@@ -190,14 +192,14 @@ def heal(student, teacher, heal_batches: list[dict], teacher_rows: dict[int, tor
         with torch.no_grad():
             t_logits = t_head(teacher_rows[step])
         lm = losses.lm_loss(s_logits, batch["labels"][mask])
-        rkl = losses.logit_divergence(s_logits, t_logits, None, kind="rkl")
+        kd = losses.logit_divergence(s_logits, t_logits, None, kind=args.logit)
         for group in optimizer.param_groups:
             group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.heal_steps))
         optimizer.zero_grad(set_to_none=True)
-        (lm + rkl).backward()
+        (lm + kd).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        log.append(dict(step=step, lm=lm.item(), rkl=rkl.item()))
+        log.append(dict(step=step, lm=lm.item(), logit=kd.item()))
     student.eval()
     return log
 
@@ -210,7 +212,7 @@ def report(out: Path, runs: list[dict], teacher_nll: float, args, d_teacher: int
     lines = [
         f"Teacher {args.teacher} (d_T = {d_teacher}); students d_S = {args.width}, layers "
         f"{args.num_layers or 'all'}, MLP {args.intermediate_size or 'all'}; heal {args.heal_steps} steps x "
-        f"{args.batch}, lr {args.lr:g}, LM + RKL. Response NLL (nats/token) on the first {args.eval_rows} rows "
+        f"{args.batch}, lr {args.lr:g}, LM + {args.logit.upper()}. Response NLL (nats/token) on the first {args.eval_rows} rows "
         f"of {Path(args.valid).name}; mean ± std over seeds {seeds}.",
         "",
         "| selection | zero-shot NLL ↓ | healed NLL ↓ | per seed (zero-shot → healed) |",

@@ -94,7 +94,8 @@ def test_teacher_responses_are_its_greedy_answers_reused_and_refused_for_other_s
     total, count = 0.0, 0
     for row in valid:
         ex = data.encode_example(row["prompt"], row["output"], tokenizer, max_length=cfg.data.max_length)
-        logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0].double()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0].double()
         labels = torch.tensor(ex["labels"])
         keep = labels != data.IGNORE_INDEX
         total += float(F.cross_entropy(logits[keep], labels[keep], reduction="sum"))

@@ -16,7 +16,6 @@ naming the difference, when it does not.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -103,6 +102,31 @@ def _record(row: data.InstructionRow, answer: str) -> dict:
     return record
 
 
+def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A whole, hook-free copy of a (possibly ZeRO-3 partitioned) Hugging Face causal LM, in eval mode.
+
+    Decoding through the ZeRO-3 engine re-gathers every layer at every step even when the weights are already
+    gathered (measured: 150 s for 32 prompts x 96 tokens on one CPU core, against about 45 s for the plain model);
+    the copy is built on the meta device and takes the gathered tensors, so it costs one teacher's memory."""
+    from transformers import AutoModelForCausalLM
+
+    persistent = model.state_dict().keys()
+    with gathered(list(model.parameters())):
+        state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if name not in persistent}
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(model.config, torch_dtype=next(iter(state.values())).dtype)
+    copy.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in buffers.items():
+        module_name, _, buffer_name = name.rpartition(".")
+        copy.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=False)
+    copy.tie_weights()
+    missing = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if missing:
+        raise RuntimeError(f"internal: the generation copy of the teacher lacks {missing[:5]}")
+    return copy.eval()
+
+
 def _fits_whole(model: torch.nn.Module, device: torch.device, world_size: int) -> bool:
     """Whether every local rank can hold the whole teacher at once, in half the free memory."""
     numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
@@ -150,10 +174,10 @@ def teacher_responses(
             "with its weights gathered on every rank" if whole else "in ZeRO-3 (synced ranks)",
         )  # fmt: skip
     started = time.perf_counter()
-    params = list(model.parameters())
-    with gathered(params) if whole else contextlib.nullcontext():
+    generator = plain_copy(model) if whole else model
+    try:
         texts = generate(
-            model,
+            generator,
             tokenizer,
             [prompts[i] for i in mine],
             max_new_tokens=d.response_tokens,
@@ -167,6 +191,8 @@ def teacher_responses(
             progress=env.is_main,
             indices=mine,
         )
+    finally:
+        del generator
     answers: dict[int, str] = {}
     for part in all_gather_objects(list(zip(mine, texts, strict=True))):
         for index, text in part:
