@@ -170,12 +170,12 @@ class DataConfig:
     train_split: str = _opt("train", "Split of data.train.")
     valid: str | None = _opt(
         "builtin:prompts",
-        "Held-out data (same forms as data.train; builtin:prompts = 32 generated prompts not trained on, "
+        "Held-out data (same forms as data.train; builtin:prompts = 24 generated prompts not trained on, "
         "answered by the teacher): the student's response NLL before and after training and the teacher's are "
         "printed at the end and written to heldout.json; null = none. Another data.train makes the default null.",
     )
     valid_split: str = _opt("validation", "Split of data.valid.")
-    num_synthetic: int = _opt(160, "Examples that builtin:synthetic or builtin:prompts generates.", ge=1)
+    num_synthetic: int = _opt(144, "Examples that builtin:synthetic or builtin:prompts generates.", ge=1)
     responses: Literal["dataset", "teacher"] = _opt(
         "teacher",
         "Training responses: dataset = the data's output column; teacher = the teacher writes one per prompt "
@@ -287,7 +287,7 @@ class ImportanceConfig:
     functional: Literal["sum_logprobs", "label_logprob"] = _opt(
         "sum_logprobs", "F whose tangent is scored: sum_t sum_v log p (paper), or sum_t log p[label]."
     )
-    num_examples: int = _opt(64, "Training examples to score (over all ranks); -1 = all.", ge=-1)
+    num_examples: int = _opt(48, "Training examples to score (over all ranks); -1 = all.", ge=-1)
     batch_size: int = _opt(4, "Examples per rank per teacher forward.", ge=1)
     chunk_tokens: int = _opt(
         4096, "Tokens per chunk of the closed form (bounds the (tokens, V) buffer).", ge=1
@@ -324,7 +324,7 @@ class PruneConfig:
         "Scale each norm's weight by the mean ratio of the kept channels' RMS (LayerNorm: std) to the full.",
     )
     num_examples: int = _opt(
-        64,
+        48,
         "Training examples (over all ranks) that depth, MLP, head and norm statistics are measured on.",
         ge=1,
     )

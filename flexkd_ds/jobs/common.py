@@ -24,7 +24,7 @@ logger = logging.getLogger("flexkd_ds")
 
 BUILTIN_SYNTHETIC = "builtin:synthetic"
 BUILTIN_PROMPTS = "builtin:prompts"
-HELDOUT_PROMPTS = 32  # data.valid=builtin:prompts: generated prompts that are not among the training prompts
+HELDOUT_PROMPTS = 24  # data.valid=builtin:prompts: generated prompts that are not among the training prompts
 
 
 def setup_logging(env: DistEnv) -> None:

@@ -4,8 +4,8 @@ Before the importance pass (which scores the same data) the teacher answers ever
 prompts are split over the ranks by index; each rank generates its share, sampled per row from
 (``seed``, row index) so the answers do not depend on the world size or the batch (evaluation.generation).
 A teacher small enough to hold whole (half the free memory of the device, per local rank) is gathered out of
-ZeRO-3 for the generation; a larger one generates in ZeRO-3 with ``synced_gpus`` (slower: every decoding step
-gathers every layer). Each answer is cut at the first Alpaca section marker (``###``) that small instruction
+ZeRO-3 into a plain copy (``plain_copy``) that decodes without ZeRO hooks; a larger one generates in ZeRO-3
+with ``synced_gpus`` (much slower: every decoding step gathers every layer). Each answer is cut at the first Alpaca section marker (``###``) that small instruction
 models often echo after answering; an answer that is then empty drops its prompt (counted in the log).
 
 Rank 0 writes ``<output_dir>/teacher_responses.jsonl`` (MiniLLM layout, the teacher's answer as ``output``)
@@ -171,7 +171,7 @@ def teacher_responses(
             "the teacher writes %d %s responses (at most %d tokens, %s) %s",
             len(prompts), split, d.response_tokens,
             f"temperature {d.response_temperature}, top-p {d.response_top_p}" if sample else "greedy",
-            "with its weights gathered on every rank" if whole else "in ZeRO-3 (synced ranks)",
+            "with a whole copy on every rank" if whole else "in ZeRO-3 (synced ranks)",
         )  # fmt: skip
     started = time.perf_counter()
     generator = plain_copy(model) if whole else model
