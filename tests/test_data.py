@@ -136,6 +136,23 @@ def test_missing_file_names_the_path(tmp_path):
         load_instruction_rows(missing)
 
 
+def test_prompt_only_rows_load_when_the_teacher_writes_the_responses(tmp_path, cache):
+    """need_output=False (data.responses=teacher): no output column, or empty outputs, are fine; a row
+    without any prompt is still refused, and the default still requires the output column."""
+    rows = [{"instruction": "Name a colour."}, {"instruction": "Say hi.", "input": "to Ana"}]
+    path = _write("csv", tmp_path / "prompts.csv", rows)
+    loaded = load_instruction_rows(path, cache_dir=cache, need_output=False)
+    assert [(r.instruction, r.input, r.references) for r in loaded] == [
+        ("Name a colour.", "", ("",)),
+        ("Say hi.", "to Ana", ("",)),
+    ]
+    with pytest.raises(DataError, match="need 'output'"):
+        load_instruction_rows(path, cache_dir=cache)
+    bad = _write_jsonl_text(tmp_path / "bad.jsonl", ['{"instruction": "ok", "output": ""}', '{"input": "x"}'])
+    with pytest.raises(DataError, match="bad.jsonl, row 2: needs a non-empty 'prompt'"):
+        load_instruction_rows(bad, cache_dir=cache, need_output=False)
+
+
 def test_empty_file_is_an_error(tmp_path, cache):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
