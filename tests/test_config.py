@@ -313,12 +313,12 @@ def test_valid_combinations(overrides):
 def test_config_help_lists_every_field():
     text = C.config_help()
     keys = leaf_keys()
-    assert len(keys) == 69  # 2 top-level + 9 + 16 + 12 + 6 + 5 + 16 + 3
+    assert len(keys) == 72  # 2 top-level + 9 + 16 + 12 + 6 + 5 + 3 + 16 + 3
     for key in keys:
         assert f"  {key}: " in text, key
     assert "train.max_steps: int = 24  (>= 1)" in text
     assert "loss.feature_loss: flexkd | projector | cka | none = flexkd" in text
-    for section in ("model:", "data:", "loss:", "importance:", "prune:", "train:", "deepspeed:"):
+    for section in ("model:", "data:", "loss:", "importance:", "prune:", "teacher_cache:", "train:", "deepspeed:"):
         assert f"\n{section}" in text
 
 

@@ -339,6 +339,27 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class TeacherCacheConfig:
+    """An exact offline teacher cache (launch/cache_teacher.py): the teacher's LM-head input per training
+    example, so distill runs with only the teacher's LM head resident (no teacher body, no ZeRO-3 gathers)."""
+
+    _section = "teacher_cache"
+    dir: str | None = _opt(
+        None,
+        "Cache directory; null = off (the live teacher). distill builds it there first when it holds none.",
+    )
+    dtype: Literal["bf16", "fp32"] = _opt(
+        "bf16", "Dtype the hidden states are stored in; fp32 reproduces the live teacher exactly."
+    )
+    shard_examples: int = _opt(
+        512, "Examples per shard file (per rank); a killed build resumes at shard granularity.", ge=1
+    )
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoints of the student."""
 
@@ -404,6 +425,7 @@ class DistillConfig:
     loss: LossConfig = _opt(LossConfig, "Loss terms and weights.")
     importance: ImportanceConfig = _opt(ImportanceConfig, "Importance scoring.")
     prune: PruneConfig = _opt(PruneConfig, "Students cut from the teacher.")
+    teacher_cache: TeacherCacheConfig = _opt(TeacherCacheConfig, "Offline teacher cache.")
     train: TrainConfig = _opt(TrainConfig, "Optimisation and checkpoints.")
     deepspeed: DeepSpeedOptions = _opt(DeepSpeedOptions, "DeepSpeed config files.")
 

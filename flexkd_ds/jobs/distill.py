@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from flexkd_ds.inputs import data
 from flexkd_ds.inputs.config import DistillConfig, dump_yaml
+from flexkd_ds.jobs.cache_teacher import cached_teacher, refuse_live_only
 from flexkd_ds.jobs.common import (
     BUILTIN_PROMPTS,
     check_models,
@@ -30,7 +31,7 @@ from flexkd_ds.jobs.common import (
     train_dataset,
 )
 from flexkd_ds.jobs.prune import check_prune_request, existing_pruned, prune_student, pruned_spec
-from flexkd_ds.jobs.score import feature_rows, score_teacher, summarize, write_importance
+from flexkd_ds.jobs.score import feature_rows, score_hidden, score_teacher, summarize, write_importance
 from flexkd_ds.method import importance
 from flexkd_ds.method.losses import Projector, lm_loss
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
@@ -146,8 +147,16 @@ def run_distill(cfg: DistillConfig) -> Path:
     # the teacher also writes responses (data.responses=teacher) and scores the held-out set at the end
     needs_teacher = weights.uses_feature or weights.uses_logit or pruned or needs_teacher_responses(cfg)
     needs_teacher = needs_teacher or cfg.data.valid is not None
+    # teacher_cache.dir: the teacher's LM-head inputs come from the cache; only its head is resident
+    use_cache = cfg.teacher_cache.dir is not None and (weights.uses_feature or weights.uses_logit)
+    if use_cache:
+        refuse_live_only(cfg, teacher)
+        needs_teacher = False
+    elif cfg.teacher_cache.dir is not None:
+        logger.info("teacher_cache.dir is set but no loss reads the teacher: the cache is not used")
     t_engine = teacher_engine(cfg, teacher, env, t.micro_batch_size) if needs_teacher else None
     dataset = train_dataset(cfg, tokenizer, env, engine=t_engine, teacher_name=teacher.name)
+    cached = cached_teacher(cfg, teacher, dataset, env, pad_id) if use_cache else None
     valid_set = None
     if cfg.data.valid:
         valid_set = train_dataset(cfg, tokenizer, env, valid=True, engine=t_engine, teacher_name=teacher.name)
@@ -161,7 +170,14 @@ def run_distill(cfg: DistillConfig) -> Path:
     unit_indices, importance_hash = None, None
     if uses_units:
         if found is None:
-            accumulator = score_teacher(cfg, t_engine, dataset, env, pad_id)
+            if cached is not None:  # the same closed form on the cached LM-head inputs
+                head_weight, head_bias = cached.head_weight_and_bias()
+                accumulator = score_hidden(
+                    cfg, dataset, env, pad_id, head_weight, head_bias,
+                    lambda batch, ids: cached.hidden(ids, batch["input_ids"].shape[1]),
+                )  # fmt: skip
+            else:
+                accumulator = score_teacher(cfg, t_engine, dataset, env, pad_id)
             found = write_importance(cfg, teacher, accumulator, student.width, env)
         else:
             logger.info("reusing importance file %s", found.path)
@@ -183,6 +199,8 @@ def run_distill(cfg: DistillConfig) -> Path:
         valid_set is not None and t_engine is not None
     ):  # the reference the student's held-out NLL is read against
         teacher_valid = validation_loss(_teacher_logits(t_engine), valid_set, env, pad_id, t.micro_batch_size)
+    elif valid_set is not None and cached is not None:
+        logger.info("teacher cache: the teacher's held-out NLL (a reference only) is not measured")
     if not (weights.uses_feature or weights.uses_logit):
         t_engine = None  # only the pruning / the responses / the reference needed it
 
@@ -227,15 +245,8 @@ def run_distill(cfg: DistillConfig) -> Path:
         while step < t.max_steps:
             # Where a preemption checkpoint must put the sampler: before this step's (then untrained) examples.
             sampler_before = sampler.state_dict()
-            micro_batches = [
-                {
-                    k: v.to(env.device)
-                    for k, v in data.collate(
-                        [dataset[i] for i in sampler.next_indices(t.micro_batch_size)], pad_id
-                    ).items()
-                }
-                for _ in range(t.grad_accum)
-            ]
+            micro_batches = [micro_batch(dataset, sampler.next_indices(t.micro_batch_size), pad_id, env)
+                             for _ in range(t.grad_accum)]  # fmt: skip
             local_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
             agreed = all_reduce_sum(
                 torch.tensor([float(local_tokens), float(preemption.requested)], device=env.device)
@@ -247,8 +258,9 @@ def run_distill(cfg: DistillConfig) -> Path:
                 return out / "student"
             lr = s_engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
             last = train_step(
-                cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env
-            )
+                cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env,
+                cached=cached,
+            )  # fmt: skip
             step += 1
             last.update(step=step, lr=lr)
             if valid_set is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
@@ -301,10 +313,18 @@ def heldout_report(cfg, rows: int, start, end, teacher, start_step: int) -> dict
     return {"text": text, "numbers": numbers}
 
 
+def micro_batch(dataset, example_ids: list[int], pad_id: int, env: DistEnv) -> dict[str, torch.Tensor]:
+    """``data.collate`` of the examples, on the device, with their ``example_ids`` (B,) (the cache's keys)."""
+    batch = data.collate([dataset[i] for i in example_ids], pad_id)
+    batch["example_ids"] = torch.tensor(example_ids, dtype=torch.long)
+    return {k: v.to(env.device) for k, v in batch.items()}
+
+
 def train_step(
-    cfg, weights, t_engine, capture, s_engine, micro_batches, global_tokens, unit_indices, env
+    cfg, weights, t_engine, capture, s_engine, micro_batches, global_tokens, unit_indices, env, cached=None
 ) -> dict:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (same on all ranks)."""
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (same on all ranks).
+    The teacher is ``t_engine`` (live) or ``cached`` (a ``jobs.cache_teacher.CachedTeacher``)."""
     accelerator = get_accelerator()
     teacher_s = student_s = 0.0
     sums = torch.zeros(5, dtype=torch.float64)  # lm, logit, projector, feature value, micro-batches
@@ -318,6 +338,12 @@ def train_step(
                 ).logits
             teacher_hidden = capture.pop()
             accelerator.synchronize()
+            teacher_s += time.perf_counter() - start
+        elif cached is not None:
+            start = time.perf_counter()
+            teacher_logits, teacher_hidden = cached(
+                batch["example_ids"].tolist(), batch["input_ids"].shape[1]
+            )
             teacher_s += time.perf_counter() - start
         start = time.perf_counter()
         student_logits, student_hidden, projected = s_engine(batch["input_ids"], batch["attention_mask"])

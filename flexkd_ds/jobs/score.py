@@ -58,25 +58,37 @@ def score_teacher(
     Every rank runs the same number of teacher forwards (the last batches are padded with placeholder
     examples whose rows are all masked and which the accumulator skips), as ZeRO-3 requires.
     """
+    weight, bias = teacher_head(engine)
+    capture = HeadInput(engine.module)
+
+    def hidden_of(batch, positions):
+        with torch.no_grad():
+            engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return capture.pop()
+
+    return score_hidden(cfg, dataset, env, pad_id, weight, bias, hidden_of)
+
+
+def score_hidden(cfg, dataset, env: DistEnv, pad_id: int, weight, bias, hidden_of):
+    """The importance pass over ``hidden_of(batch, example_ids) -> (B, T, d_T)`` LM-head inputs: the live
+    teacher's (``score_teacher``) or a teacher cache's (``jobs.cache_teacher``); the head is (weight, bias)."""
     icfg = cfg.importance
     order = scoring_order(cfg, len(dataset))
     num_examples = len(order)
     batches = sampling.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
-    weight, bias = teacher_head(engine)
     weight, bias = weight.to(env.device), None if bias is None else bias.to(env.device)
-    capture = HeadInput(engine.module)
     accumulator = importance.ImportanceAccumulator(weight.shape[1])
     start = time.perf_counter()
     bar = tqdm(batches, desc="importance", disable=not env.is_main, unit="batch")
     for batch_positions in bar:
-        examples = [None if p is None else dataset[order[p]] for p in batch_positions]
+        example_ids = [None if p is None else order[p] for p in batch_positions]
+        examples = [None if i is None else dataset[i] for i in example_ids]
         batch = {k: v.to(env.device) for k, v in data.collate(examples, pad_id).items()}
         rows = feature_rows(batch, cfg.loss.feature_tokens)
         rows &= torch.tensor([p is not None for p in batch_positions], device=env.device)[:, None]
-        with torch.no_grad():
-            engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        hidden = hidden_of(batch, example_ids)
         scores, rows = importance.batch_tangent_scores(
-            capture.pop(), weight, batch, rows, functional=icfg.functional, head_bias=bias,
+            hidden, weight, batch, rows, functional=icfg.functional, head_bias=bias,
             chunk_tokens=icfg.chunk_tokens,
         )  # fmt: skip
         accumulator.update(scores, rows.sum(1))

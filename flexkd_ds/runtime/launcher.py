@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-JOBS = ("distill", "score", "prune", "evaluate", "plan")  # launch/<job>.py
+JOBS = ("distill", "score", "prune", "evaluate", "plan", "cache_teacher")  # launch/<job>.py
 # MASTER_PORT = PORT_BASE + SLURM_JOB_ID % PORT_SPAN: below Linux's ephemeral range (32768+), so a port picked
 # for an outgoing connection does not take it; two jobs sharing a first node collide only every 15000 ids.
 PORT_BASE, PORT_SPAN = 15000, 15000
