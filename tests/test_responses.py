@@ -123,3 +123,19 @@ def test_two_ranks_write_the_same_sampled_responses_as_one(tmp_path):
     run_job(DISTILL, tmp_path / "two", sampled, nprocs=2)
     one = (tmp_path / "one" / "teacher_responses.jsonl").read_text()
     assert one == (tmp_path / "two" / "teacher_responses.jsonl").read_text()
+
+
+def _shm_buffers() -> set[str]:
+    from pathlib import Path
+
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="no /dev/shm")
+def test_a_cpu_run_leaves_no_deepspeed_buffer_in_shared_memory(tmp_path):
+    """DeepSpeed's CPU allreduce creates a 66 MB /dev/shm file per rank and never removes it; the job's
+    process group removes its own at exit (runtime.dist). A concurrent job's buffers may come and go, so
+    only new names that stay are counted."""
+    before = _shm_buffers()
+    run_job(DISTILL, tmp_path / "run", ["train.max_steps=1", "importance.num_examples=4"], nprocs=1)
+    assert _shm_buffers() - before == set()

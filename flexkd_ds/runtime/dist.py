@@ -6,11 +6,13 @@ MASTER_*; a plain ``python`` run is a world of one on a free local port.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -58,7 +60,24 @@ def init_distributed() -> DistEnv:
     device = torch.device(
         accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
     )
+    if device.type == "cpu":
+        atexit.register(_unlink_cpu_allreduce_buffer, dist.get_rank())
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def cpu_allreduce_buffer(rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU allreduce (its ``shm_comm`` op) creates for ``rank`` when all
+    ranks share a node: ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed never removes its 66 MB per-rank buffer: without this every CPU run, one-process runs
+    included, leaves it in /dev/shm (RAM) until reboot. At exit every peer has long mapped it, and a mapping
+    outlives the name."""
+    with contextlib.suppress(OSError):
+        cpu_allreduce_buffer(rank).unlink()
 
 
 def device_type() -> str:
