@@ -340,3 +340,109 @@ def test_pruned_student_is_planned_at_its_cut_shape_and_the_passes_before_traini
     assert "prune job" in text and "teacher responses" in text and "gathered whole" in text
     tiny = P.plan(load_config(ROOT / "launch" / "recipes" / "tiny.yaml"), nodes=1, gpus_per_node=1)
     assert tiny.before_training == []
+
+
+# ------------------------------------------------------------------------------- teacher cache mode
+TEACHER_TERMS = ("teacher parameter shard", "teacher persistent tensors (whole)",
+                 "teacher gathered module + prefetch", "step: teacher forward (no grad)",
+                 "importance: teacher forward", "importance: LM head copy + fp32 upcast")  # fmt: skip
+
+
+def test_teacher_cache_plan_matches_numbers_written_out():
+    """Llama-2-7B (d_T 4096, vocab 32000, bf16) with teacher_cache.dir on 8 GPUs: the teacher's shard, gathers and
+    forward are gone; its LM head is whole on every GPU (jobs.cache_teacher.head_only, in the teacher's compute
+    dtype) and one batch of cached h is on the GPU (TeacherCache.batch_hidden casts to that dtype)."""
+    live = P.plan(load_config(LLAMA), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    report = P.plan(
+        load_config(LLAMA, ["teacher_cache.dir=/tmp/cache"]), nodes=1, gpus_per_node=8, gpu_mem_gib=80
+    )
+    mem = {k: v * GIB for k, v in report.memory_gib.items()}
+    assert report.exit_code == 0 and not report.errors
+    assert not set(TEACHER_TERMS) & set(mem)
+    assert mem["teacher LM head (whole; teacher cache)"] == 32000 * 4096 * 2
+    assert mem["step: cached teacher h (B, T, d_T)"] == 1 * 512 * 4096 * 2  # micro 1, max_length 512, bf16
+    assert mem["importance: cached teacher h (B, T, d_T)"] == 4 * 512 * 4096 * 2  # importance.batch_size 4
+    assert mem["importance: LM head fp32 upcast"] == 32000 * 4096 * 4  # no 16-bit copy: the head is resident
+    assert mem["importance: closed-form chunk"] == min(4096, 4 * 512) * 32000 * 4
+    for key, value in live.memory_gib.items():  # the student's lines do not change
+        if key.startswith("student") or key in ("step: student activations (for backward)",
+                                                "step: logits + loss buffers (B, T, V)", "step: feature-loss buffers"):  # fmt: skip
+            assert report.memory_gib[key] == value, key
+    saved = live.totals_gib["required"] - report.totals_gib["required"]
+    assert saved >= live.memory_gib["teacher parameter shard"] > 1.5  # (6.74e9 - 65 x 4096) x 2 / 8 bytes
+
+    cache = report.teacher_cache
+    assert cache["bytes_per_token"] == 4096 * 2 == 8192
+    assert cache["gib_per_million_tokens"] == pytest.approx(8192e6 / GIB)  # 7.63 GiB
+    assert cache["examples"] is None and cache["max_tokens"] is None  # a JSONL file: unknown without the data
+    assert cache["head_gib"] * GIB == 32000 * 4096 * 2
+    # the build: the teacher engine alone (ZeRO-3 shard, persistent norms, gathers) + a forward at batch 4
+    persistent_t, psi_t = 65 * 4096, 6_738_415_616
+    per_token = 2 * (4 * 4096 + 2 * 4096) + 2 * (2 * 4096 + 4 * 11008) + 2 * (4096 + 4096)
+    build = ((psi_t - persistent_t) * 2 / 8 + persistent_t * 2 + (32000 * 4096 + 50_000_000) * 2
+             + 4 * 512 * per_token + 4 * 512 * 32000 * 2 + (0.1 * 80 + 1.5) * GIB)  # fmt: skip
+    assert cache["build_required_gib"] * GIB == pytest.approx(build, rel=1e-9)
+    assert cache["head_load_cpu_per_node_gib"] * GIB == 8 * psi_t * 2
+    text = P.format_report(report)
+    assert "teacher cache: 8192 bytes/token (bf16, d_T=4096) = 7.63 GiB per 1M tokens" in text
+    assert "distill holds only the teacher's LM head (0.24 GiB per GPU, 16-bit)" in text
+    assert "teacher: offline cache /tmp/cache (bf16 h); LM head only" in text
+    assert json.loads(json.dumps(report.to_dict()))["teacher_cache"]["bytes_per_token"] == 8192
+    assert live.teacher_cache == {} and not any("teacher cache" in line for line in live.before_training)
+
+
+def test_teacher_cache_size_when_the_examples_are_known():
+    # fp32 cache of GPT-2 XL (d_T 1600): 6400 bytes per token; at most 1000 rows x 512 tokens
+    cfg = load_config(GPT2, ["teacher_cache.dir=c", "teacher_cache.dtype=fp32", "data.max_train_rows=1000"])
+    cache = P.plan(cfg, nodes=1, gpus_per_node=8, gpu_mem_gib=80).teacher_cache
+    assert cache["bytes_per_token"] == 1600 * 4
+    assert (cache["examples"], cache["max_tokens"]) == (1000, 1000 * 512)
+    assert cache["max_gib"] * GIB == 1000 * 512 * 6400
+    assert cache["head_gib"] * GIB == 50257 * 1600 * 2  # the head stays in the teacher's compute dtype
+    # generated data: data.num_synthetic examples (tiny: 200 x 128 tokens, d_T 64, bf16)
+    tiny = P.plan(load_config(ROOT / "launch" / "recipes" / "tiny.yaml", ["teacher_cache.dir=c"]), nodes=1,
+                  gpus_per_node=1)  # fmt: skip
+    assert tiny.exit_code == 0 and tiny.teacher_cache["max_tokens"] == 200 * 128
+    assert tiny.teacher_cache["max_gib"] * GIB == 200 * 128 * 64 * 2
+    assert (
+        "at most 200 examples (data.num_synthetic, builtin:synthetic) x 128 tokens" in tiny.before_training[0]
+    )
+
+
+def test_teacher_cache_refusals_and_unused_cache(cli, capsys):
+    code, out = run_cli(
+        cli, capsys, "teacher_cache.dir=c"
+    )  # the quickstart: a pruned student, teacher responses
+    assert code == 1 and "model.student_init=random" in out and "INVALID" in out
+    report = P.plan(load_config(None, ["teacher_cache.dir=c", "model.student_init=random",
+                                       "model.student_arch={from_teacher: true, hidden_size: 384, num_layers: 4}"]),
+                    nodes=1, gpus_per_node=1)  # fmt: skip
+    assert report.exit_code == 1 and "data.responses=dataset" in report.errors[0]
+    unused = P.plan(load_config(LLAMA, ["teacher_cache.dir=c", "loss.alpha=0", "loss.beta=0"]), nodes=1,
+                    gpus_per_node=8)  # fmt: skip
+    assert unused.teacher_cache == {} and any("distill does not use the cache" in w for w in unused.warnings)
+
+
+def test_teacher_cache_suggestions_never_offload_the_teacher():
+    cfg = load_config(LLAMA, ["teacher_cache.dir=c"])
+    report = P.plan(cfg, nodes=1, gpus_per_node=1, gpu_mem_gib=16)
+    assert report.exit_code == 2 and report.suggestions
+    assert not any("teacher_config" in " ".join(s["change"]) for s in report.suggestions)
+    assert any("cache build" in w for w in report.warnings)  # 16.4 GiB: the engine alone does not fit 16
+    live = P.plan(load_config(LLAMA), nodes=1, gpus_per_node=1, gpu_mem_gib=16)
+    assert (
+        report.totals_gib["required"]
+        < live.totals_gib["required"] - live.memory_gib["teacher parameter shard"]
+    )
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_plans_with_a_teacher_cache(recipe):
+    report = P.plan(load_config(recipe, ["teacher_cache.dir=c"]), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    cache = report.teacher_cache
+    assert cache["bytes_per_token"] == report.models["teacher"]["d_head_input"] * 2
+    assert (
+        cache["head_gib"] * GIB
+        == report.models["teacher"]["vocab"] * report.models["teacher"]["d_head_input"] * 2
+    )
+    assert report.exit_code == (1 if recipe.stem == "quickstart" else 0)  # quickstart prunes from the body

@@ -5,8 +5,10 @@ network (shipped ``model_configs/<org>--<name>.json`` for a hub name, else a loc
 GGUF metadata, else ``model.*_arch``), builds both models on the meta device (no weights), validates the pair
 and the batch layout, estimates per-GPU memory with ``flexkd_ds.runtime.memory`` from the recipe's DeepSpeed files,
 and, when it does not fit, tries the changes in order of cost: a smaller micro-batch, more GPUs, sharding /
-offload, a shorter ``data.max_length``. ``launch/plan.py`` is the command line; docs/planning.md explains
-the report.
+offload, a shorter ``data.max_length``. With ``teacher_cache.dir`` (an offline teacher cache, read by some
+loss) the teacher's terms are its LM head and one batch of cached LM-head inputs instead of its ZeRO-3 shard,
+gathers and forward, and the report gives the cache's size on disk. ``launch/plan.py`` is the command line;
+docs/planning.md explains the report.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ EXIT_FITS, EXIT_INVALID, EXIT_DOES_NOT_FIT = 0, 1, 2
 TEACHER_OFFLOAD, STUDENT_ZERO3 = "ds_configs/teacher_zero3_offload.json", "ds_configs/student_zero3.json"
 STUDENT_OFFLOAD = "ds_configs/student_zero3_offload.json"
 MAX_EXTRA_NODES = 256
+GENERATED_TRAIN = ("builtin:synthetic", "builtin:prompts")  # data.num_synthetic examples, known without data
+CACHE_DTYPE_BYTES = {"bf16": 2, "fp32": 4}  # teacher_cache.dtype: the stored element
 
 
 class PlanError(ValueError):
@@ -270,6 +274,7 @@ class PlanReport:
     fits: bool | None = None
     suggestions: list[dict] = field(default_factory=list)
     before_training: list[str] = field(default_factory=list)  # what the prune / response passes need
+    teacher_cache: dict = field(default_factory=dict)  # teacher_cache.dir in use: its disk size, the head
 
     @property
     def world(self) -> int:
@@ -292,6 +297,7 @@ class _Planner:
         self, cfg: DistillConfig, t: ModelShape, s: ModelShape, gpus_per_node: int, gpu_mem_gib: float
     ):
         self.cfg, self.t, self.s, self.g, self.gpu_mem = cfg, t, s, gpus_per_node, gpu_mem_gib
+        self.cached = uses_teacher_cache(cfg)
         self._zero: dict[str, ZeroSetup] = {}
 
     def zero(self, path: str, key: str) -> ZeroSetup:
@@ -308,7 +314,7 @@ class _Planner:
             lm_loss=loss.lm_weight > 0, feature_width=self.s.head_input_size if loss.feature_loss != "none" else 0,
             importance_batch=imp.batch_size, chunk_tokens=imp.chunk_tokens,
             needs_teacher=loss.feature_loss != "none" or (loss.logit_loss != "none" and loss.beta > 0),
-            importance_pass=loss.feature_loss == "flexkd",
+            importance_pass=loss.feature_loss == "flexkd", cached_teacher=self.cached,
         )  # fmt: skip
         t_zero = self.zero(sc.teacher_ds, "deepspeed.teacher_config")
         s_zero = self.zero(sc.student_ds, "deepspeed.student_config")
@@ -350,6 +356,8 @@ class _Planner:
                     (TEACHER_OFFLOAD, base.student_ds, "teacher parameters to CPU (offload_param)"),
                     (base.teacher_ds, STUDENT_OFFLOAD, "student ZeRO-3 + optimizer states to CPU"),
                     (TEACHER_OFFLOAD, STUDENT_OFFLOAD, "both offloads")]  # fmt: skip
+        if self.cached:  # no teacher parameters on the GPU: offloading them changes nothing
+            variants = [v for v in variants if v[0] == base.teacher_ds]
         for t_ds, s_ds, why in variants:
             sc = dataclasses.replace(base, teacher_ds=t_ds, student_ds=s_ds)
             if (t_ds, s_ds) != (base.teacher_ds, base.student_ds) and self.fits(sc):
@@ -359,7 +367,8 @@ class _Planner:
         if hit := next((sc for sc in shorter if self.fits(sc)), None):
             add("shorter max_length", hit, "activations and logits scale with the sequence length")
         if not out:
-            floor = dataclasses.replace(base, micro=1, teacher_ds=TEACHER_OFFLOAD, student_ds=STUDENT_OFFLOAD)
+            teacher_ds = base.teacher_ds if self.cached else TEACHER_OFFLOAD
+            floor = dataclasses.replace(base, micro=1, teacher_ds=teacher_ds, student_ds=STUDENT_OFFLOAD)
             combos = [
                 dataclasses.replace(floor, nodes=n) for n in range(base.nodes, base.nodes + MAX_EXTRA_NODES)
             ]
@@ -383,6 +392,13 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
             "d_head_input": shape.head_input_size, "layers": shape.num_layers, "vocab": shape.vocab_size,
             "max_positions": shape.max_positions, "model_type": shape.model_type}  # fmt: skip
     report.errors, report.warnings, report.checks = check_pair(cfg, teacher, student, t, s)
+    if uses_teacher_cache(cfg):
+        report.errors += check_cache(cfg, teacher)
+    elif cfg.teacher_cache.dir is not None:
+        report.warnings.append(
+            f"teacher_cache.dir={cfg.teacher_cache.dir} is set but no loss reads the teacher (loss.alpha / "
+            "loss.beta): distill does not use the cache"
+        )
 
     accum, batch_error = batch_layout(cfg, report.world)
     if batch_error:
@@ -410,16 +426,135 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
     report.fits = est.peak + reserve <= gpu_mem_gib * GIB
     if not report.fits and not report.errors:
         report.suggestions = planner.suggest(base)
-    report.before_training = before_training(cfg, t, s, t_zero, gpu_mem_gib)
+    if planner.cached:
+        report.teacher_cache = cache_storage(
+            cfg, t, t_zero, nodes * gpus_per_node, gpus_per_node, gpu_mem_gib
+        )
+        if report.teacher_cache["build_required_gib"] > gpu_mem_gib:
+            report.warnings.append(
+                f"the cache build runs the teacher alone but needs {report.teacher_cache['build_required_gib']:.1f} "
+                f"GiB per GPU: build it with deepspeed.teacher_config={TEACHER_OFFLOAD}, a smaller "
+                "importance.batch_size or more GPUs (launch/cache_teacher.py)"
+            )
+    report.before_training = before_training(cfg, t, s, t_zero, gpu_mem_gib, report.teacher_cache)
     return report
 
 
+# ------------------------------------------------------------------------------------- teacher cache
+def uses_teacher_cache(cfg: DistillConfig) -> bool:
+    """Whether distill reads the teacher from ``teacher_cache.dir``: a cache is set and some loss reads the
+    teacher (``jobs/distill.py``: ``uses_feature or uses_logit``)."""
+    loss = cfg.loss
+    reads_teacher = (loss.feature_loss != "none" and loss.alpha > 0) or (
+        loss.logit_loss != "none" and loss.beta > 0
+    )
+    return cfg.teacher_cache.dir is not None and reads_teacher
+
+
+def check_cache(cfg: DistillConfig, teacher: ResolvedModel) -> list[str]:
+    """What distill refuses with a teacher cache (``jobs.cache_teacher.refuse_live_only``: features that need
+    the teacher's body), as the first such error; [] when none."""
+    from flexkd_ds.jobs.cache_teacher import refuse_live_only
+    from flexkd_ds.jobs.common import ModelSpec
+
+    try:
+        refuse_live_only(cfg, ModelSpec(teacher.name, teacher.config, None, cfg.seed))
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def known_examples(cfg: DistillConfig) -> tuple[int | None, str]:
+    """(number of training examples or an upper bound of it, where it comes from); None when only the data
+    knows (a dataset without ``data.max_train_rows``)."""
+    d = cfg.data
+    if d.train in GENERATED_TRAIN:
+        return d.num_synthetic, f"data.num_synthetic, {d.train}"
+    if d.max_train_rows is not None:
+        return d.max_train_rows, "data.max_train_rows"
+    return None, "unknown without the data"
+
+
+def cache_storage(cfg: DistillConfig, t: ModelShape, t_zero: ZeroSetup, world: int, gpus_per_node: int,
+                  gpu_mem_gib: float) -> dict:  # fmt: skip
+    """The teacher cache's size and what it costs: ``examples x tokens x d_T x bytes(teacher_cache.dtype)``
+    on disk (``inputs/teacher_cache.py``: h at every non-pad token), per token, per 1M tokens, and at most
+    ``examples x data.max_length`` tokens when the number of examples is known; the LM head distill keeps
+    (``jobs.cache_teacher.head_only``: the teacher's compute dtype, whole on every GPU); the build's memory."""
+    element = CACHE_DTYPE_BYTES[cfg.teacher_cache.dtype]
+    per_token = t.head_input_size * element
+    examples, source = known_examples(cfg)
+    max_tokens = None if examples is None else examples * cfg.data.max_length
+    tb = t_zero.param_bytes
+    build = memory.MemoryEstimate()  # launch/cache_teacher.py: the teacher's engine alone, no student
+    memory.teacher_states(t, t_zero, world, gpus_per_node, build)
+    bi, seq = cfg.importance.batch_size, cfg.data.max_length
+    build.gpu["cache build: teacher forward + logits"] = (
+        memory.teacher_forward_bytes(t, bi, seq, tb) + bi * seq * t.vocab_size * tb
+    )
+    return {
+        "dir": cfg.teacher_cache.dir,
+        "dtype": cfg.teacher_cache.dtype,
+        "d_teacher": t.head_input_size,
+        "bytes_per_token": per_token,
+        "gib_per_million_tokens": per_token * 1e6 / GIB,
+        "examples": examples,
+        "examples_from": source,
+        "max_length": cfg.data.max_length,
+        "max_tokens": max_tokens,
+        "max_gib": None if max_tokens is None else max_tokens * per_token / GIB,
+        "head_params": t.vocab_size * t.head_input_size,
+        "head_bytes_per_param": tb,
+        "head_gib": memory.lm_head_bytes(t, tb) / GIB,
+        "build_required_gib": (sum(build.gpu.values()) + memory.reserve_bytes(gpu_mem_gib)) / GIB,
+        "build_cpu_per_node_gib": build.cpu_total_per_node / GIB,
+        "head_load_cpu_per_node_gib": gpus_per_node * t.params * tb / GIB,
+    }
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 100 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def cache_summary(cache: dict) -> str:
+    """The report's line on the cache's size: bytes per token, per 1M tokens, the total when known, the head."""
+    per_token = cache["bytes_per_token"]
+    line = (f"teacher cache: {per_token} bytes/token ({cache['dtype']}, d_T={cache['d_teacher']}) = "
+            f"{_size(per_token * 1e6)} per 1M tokens")  # fmt: skip
+    if cache["max_tokens"] is not None:
+        line += (f"; at most {cache['examples']} examples ({cache['examples_from']}) x {cache['max_length']} "
+                 f"tokens (data.max_length) = {cache['max_tokens']:,} tokens = {_size(cache['max_tokens'] * per_token)}")  # fmt: skip
+    else:
+        line += " (the number of training examples is unknown without the data)"
+    head = "16-bit" if cache["head_bytes_per_param"] == 2 else "fp32"
+    return (
+        line
+        + f"; distill holds only the teacher's LM head ({_size(cache['head_gib'] * GIB)} per GPU, {head})"
+    )
+
+
 def before_training(
-    cfg: DistillConfig, t: ModelShape, s: ModelShape, t_zero: ZeroSetup, gpu_mem_gib: float
-) -> list[str]:
-    """Lines on the passes that run before the first step: the prune job (model.student_init=pruned) and the
-    teacher's responses (data.responses=teacher); both run beside the teacher's ZeRO-3 shard only."""
+    cfg: DistillConfig, t: ModelShape, s: ModelShape, t_zero: ZeroSetup, gpu_mem_gib: float,
+    cache: dict | None = None,
+) -> list[str]:  # fmt: skip
+    """Lines on the passes that run before the first step: the prune job (model.student_init=pruned), the
+    teacher's responses (data.responses=teacher), both beside the teacher's ZeRO-3 shard only, and the teacher
+    cache (``cache``: ``cache_storage``'s dict) with its build."""
     lines = []
+    if cache:
+        lines.append(cache_summary(cache))
+        cpu = (
+            f" + {cache['build_cpu_per_node_gib']:.1f} GiB CPU RAM per node"
+            if cache["build_cpu_per_node_gib"]
+            else ""
+        )
+        lines.append(
+            f"cache build (launch/cache_teacher.py, or distill first when teacher_cache.dir holds no complete "
+            f"cache): the teacher's engine alone, {cache['build_required_gib']:.1f} GiB per GPU with the "
+            f"reserve{cpu} (forward at importance.batch_size={cfg.importance.batch_size}), freed before the "
+            f"student is built; to take the head every rank loads the whole teacher on CPU once "
+            f"({cache['head_load_cpu_per_node_gib']:.1f} GiB CPU RAM per node for a short time)"
+        )  # fmt: skip
     if cfg.model.resolved_student_init == "pruned":
         biggest = max(t.tensor_numels) * t_zero.param_bytes / GIB
         student_fp32 = s.params * 4 / GIB
@@ -470,9 +605,14 @@ def format_report(report: PlanReport, title: str = "") -> str:
             prec = "16-bit" if z["param_bytes"] == 2 else "fp32"
             return f"ZeRO-{z['stage']} {prec}{' + ' + ', '.join(off) if off else ''} ({path})"
 
+        teacher_text = zero_text(tz, setup["teacher_ds"])
+        if report.teacher_cache:
+            c = report.teacher_cache
+            teacher_text = (f"offline cache {c['dir']} ({c['dtype']} h); LM head only, "
+                            f"{'16-bit' if tz['param_bytes'] == 2 else 'fp32'} ({setup['teacher_ds']} precision)")  # fmt: skip
         lines += ["", f"  batch: micro {setup['micro_batch_size']} x accum {setup['grad_accum']} x world "
                   f"{report.world} = {setup['global_batch']}, {setup['seq_len']} tokens per example",
-                  f"  teacher: {zero_text(tz, setup['teacher_ds'])}",
+                  f"  teacher: {teacher_text}",
                   f"  student: {zero_text(sz, setup['student_ds'])}", "",
                   f"  {'per-GPU memory':<58} {'GiB':>8}"]  # fmt: skip
         lines += [f"  {k:<58} {v:>8.3f}" for k, v in report.memory_gib.items()]

@@ -17,6 +17,9 @@ Everything is in bytes and per rank (one GPU) unless a name says otherwise. Sour
 - Activations (after Korthikanti et al. 2022, "Reducing Activation Recomputation", without their s^2 term
   since SDPA/flash attention never materialises the (T, T) scores): what one decoder layer saves for backward,
   per token, in the activation dtype.
+- Teacher cache (``teacher_cache.dir``, ``jobs/cache_teacher.py``): no teacher body, shard or gathers; the
+  teacher's LM head whole on every GPU and one batch of cached LM-head inputs, both in the teacher's compute
+  dtype.
 
 These are estimates for planning, not measurements: see docs/planning.md for what is approximate.
 """
@@ -122,6 +125,8 @@ class Workload:
     chunk_tokens: int
     needs_teacher: bool = True
     importance_pass: bool = True  # Flex-KD scores the teacher's units before training
+    # teacher_cache.dir: only the teacher's LM head is resident, its LM-head inputs h are read from disk
+    cached_teacher: bool = False
 
 
 @dataclass
@@ -237,6 +242,19 @@ def teacher_forward_bytes(shape: ModelShape, batch: int, seq: int, act_bytes: in
     return batch * seq * per_token
 
 
+def lm_head_bytes(shape: ModelShape, param_bytes: int) -> float:
+    """The teacher's LM head (V x d_T) whole, as ``jobs.cache_teacher.head_only`` holds it: in the teacher
+    engine's compute dtype (its DeepSpeed precision), on every GPU. A head bias (none of the shipped
+    architectures has one) is not counted."""
+    return shape.vocab_size * shape.head_input_size * param_bytes
+
+
+def cached_hidden_bytes(shape: ModelShape, batch: int, seq: int, param_bytes: int) -> float:
+    """One batch of cached LM-head inputs on the GPU: (B, T, d_T) in the teacher's compute dtype
+    (``TeacherCache.batch_hidden`` casts the stored bf16 / fp32 values to it before the copy to the GPU)."""
+    return batch * seq * shape.head_input_size * param_bytes
+
+
 def logit_buffer_bytes(batch: int, seq: int, vocab: int, logit_bytes: int, *, logit_kd: bool,
                        lm_loss: bool) -> float:  # fmt: skip
     """The (B, T, V) tensors of the loss: 16-bit logits of both models + the gradient, and the fp32
@@ -249,7 +267,11 @@ def estimate(teacher: ModelShape, student: ModelShape, teacher_zero: ZeroSetup, 
              work: Workload, world: int, gpus_per_node: int) -> MemoryEstimate:  # fmt: skip
     """Per-GPU memory of a distillation run on ``world`` GPUs (``gpus_per_node`` per node)."""
     est = MemoryEstimate()
-    if work.needs_teacher:
+    cached = work.needs_teacher and work.cached_teacher
+    tb = teacher_zero.param_bytes
+    if cached:  # no body, no shard, no gathers: the head alone, whole on every GPU
+        est.gpu["teacher LM head (whole; teacher cache)"] = lm_head_bytes(teacher, tb)
+    elif work.needs_teacher:
         teacher_states(teacher, teacher_zero, world, gpus_per_node, est)
     student_states(student, student_zero, world, gpus_per_node, est)
 
@@ -261,24 +283,30 @@ def estimate(teacher: ModelShape, student: ModelShape, teacher_zero: ZeroSetup, 
         ),
         "step: feature-loss buffers": 4 * b * t * work.feature_width * 4,
     }
-    if work.needs_teacher:
-        step["step: teacher forward (no grad)"] = teacher_forward_bytes(
-            teacher, b, t, teacher_zero.param_bytes
-        )
+    if cached:  # the teacher's logits = head(h) are the "teacher logits" of the (B, T, V) buffers
+        step["step: cached teacher h (B, T, d_T)"] = cached_hidden_bytes(teacher, b, t, tb)
+    elif work.needs_teacher:
+        step["step: teacher forward (no grad)"] = teacher_forward_bytes(teacher, b, t, tb)
     est.gpu.update(step)
     est.train_activations = sum(step.values())
 
-    if work.needs_teacher and work.importance_pass:
-        tb, bi = teacher_zero.param_bytes, work.importance_batch
-        head = teacher.vocab_size * teacher.head_input_size
+    bi = work.importance_batch
+    head = teacher.vocab_size * teacher.head_input_size
+    chunk = IMPORTANCE_FP32_VOCAB_BUFFERS * min(work.chunk_tokens, bi * t) * teacher.vocab_size * 4
+    if cached and work.importance_pass:  # the closed form on cached h: no forward, no logits, no head copy
+        imp = {
+            "importance: cached teacher h (B, T, d_T)": cached_hidden_bytes(teacher, bi, t, tb),
+            "importance: LM head fp32 upcast": head * 4 if tb < 4 else 0.0,
+            "importance: closed-form chunk": chunk,
+        }
+        est.gpu.update(imp)
+        est.importance_activations = sum(imp.values())
+    elif work.needs_teacher and work.importance_pass:
         imp = {
             "importance: teacher forward": teacher_forward_bytes(teacher, bi, t, tb)
             + bi * t * teacher.vocab_size * tb,
             "importance: LM head copy + fp32 upcast": head * (tb + 4),
-            "importance: closed-form chunk": IMPORTANCE_FP32_VOCAB_BUFFERS
-            * min(work.chunk_tokens, bi * t)
-            * teacher.vocab_size
-            * 4,
+            "importance: closed-form chunk": chunk,
         }
         est.gpu.update(imp)
         est.importance_activations = sum(imp.values())
