@@ -138,6 +138,7 @@ def build_cache(
 ) -> store.TeacherCache:
     """The cache in the library's format: one shard per batch, h at every non-pad token, then the manifest."""
     names, d_t = [], lm_head_input_size(teacher.config)
+    directory.mkdir(parents=True, exist_ok=True)
     for b, batch in enumerate(batches):
         with torch.no_grad():
             teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
