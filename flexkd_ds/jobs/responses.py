@@ -31,6 +31,7 @@ from flexkd_ds import __version__
 from flexkd_ds.evaluation.generation import generate
 from flexkd_ds.inputs import data
 from flexkd_ds.inputs.config import DistillConfig
+from flexkd_ds.inputs.synthetic import write_jsonl
 from flexkd_ds.runtime.dist import DistEnv, all_gather_objects, barrier
 from flexkd_ds.runtime.engines import gathered
 
@@ -110,6 +111,8 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     the copy is built on the meta device and takes the gathered tensors, so it costs one teacher's memory."""
     from transformers import AutoModelForCausalLM
 
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model.eval()  # already whole and hook-free (e.g. the ablate job's plain teacher)
     persistent = model.state_dict().keys()
     with gathered(list(model.parameters())):
         state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -213,12 +216,7 @@ def teacher_responses(
             "and data.prompt_style (an instruction model may need prompt_style=chat)"
         )
     if env.is_main:
-        recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = rows_path.with_name(rows_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, rows_path)
+        write_jsonl(records, rows_path)  # atomic: temp file + rename
         recipe_path.write_text(
             json.dumps(
                 {**recipe, "num_responses": len(out_rows), "created_by": f"flexkd_ds {__version__}"}, indent=1
