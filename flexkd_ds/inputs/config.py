@@ -252,6 +252,12 @@ class LossConfig:
     impl: Literal["auto", "torch", "triton"] = _opt(
         "auto", "Correlation kernel; auto = triton on GPU, else torch."
     )
+    unit_pairing: Literal["auto", "pruning", "importance"] = _opt(
+        "auto",
+        "flexkd: the teacher unit paired with student unit m. pruning = the unit it was cut from (a pruned "
+        "student: student_init=pruned, or a model.student dir with prune.json); importance = the m-th highest "
+        "scored unit of the importance pass (the paper); auto = pruning for a pruned student, else importance.",
+    )
 
     def __post_init__(self) -> None:
         _validate_fields(self)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import json
 import logging
 import math
 import os
@@ -214,6 +215,84 @@ def load_causal_lm(
     logger.info("loading causal LM %s (%s)", source, source.kind)
     kwargs |= _loading_kwargs(dtype)
     return AutoModelForCausalLM.from_pretrained(source.path_or_name, **kwargs, **hf_kwargs)
+
+
+def _checkpoint_file(source: ModelSource, name: str) -> Path | None:
+    """A file of a HF checkpoint as a local path (a hub file is downloaded alone); None when absent."""
+    if source.kind == "local_dir":
+        path = Path(source.path_or_name) / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source.path_or_name, name))
+    except Exception:  # noqa: BLE001 - not in the repo (or the hub unreachable): the caller falls back
+        return None
+
+
+def _safetensors_files(source: ModelSource) -> dict[str, str] | None:
+    """Tensor name -> file name (within the checkpoint) of a safetensors HF checkpoint, from its index or
+    its single file; None for GGUF or ``.bin`` checkpoints."""
+    if source.kind == "gguf":
+        return None
+    index = _checkpoint_file(source, "model.safetensors.index.json")
+    if index is not None:
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = _checkpoint_file(source, "model.safetensors")
+    if single is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), "model.safetensors")
+
+
+def load_lm_head(
+    source: ModelSource | str | os.PathLike,
+    config: PretrainedConfig,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+) -> torch.nn.Linear | None:
+    """The LM head alone (weight, and bias where it has one), read from a safetensors checkpoint without
+    loading the rest of the model: a 7B teacher's head is ~0.3 GB of its ~13 GB.
+
+    The head's tensor names come from the architecture built on the meta device (a tied head is also found
+    under its input embedding's name; names are tried with and without the base-model prefix). Returns None
+    where that is not possible (GGUF, ``.bin``, a head missing from the files): load the whole model then."""
+    from safetensors import safe_open
+
+    source = resolve_model_source(source)
+    files = _safetensors_files(source)
+    if files is None:
+        return None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    head = skeleton.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    prefix = skeleton.base_model_prefix + "."
+    all_params = list(skeleton.named_parameters(remove_duplicate=False))
+
+    def read(param: torch.Tensor) -> torch.Tensor | None:
+        names = [n for n, p in all_params if p is param]
+        for name in names + [n.removeprefix(prefix) for n in names if n.startswith(prefix)]:
+            path = _checkpoint_file(source, files[name]) if name in files else None
+            if path is not None:
+                with safe_open(path, framework="pt") as f:
+                    return f.get_tensor(name)
+        return None
+
+    weight = read(head.weight)
+    bias = None if head.bias is None else read(head.bias)
+    if weight is None or weight.shape != head.weight.shape or (head.bias is not None and bias is None):
+        return None
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=resolve_dtype(dtype))
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    logger.info("read the LM head of %s alone (%d x %d) from its safetensors", source, *weight.shape)
+    return out.requires_grad_(False)
 
 
 def build_causal_lm_from_config(

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flexkd_ds import __version__
-from flexkd_ds.inputs import data
+from flexkd_ds.inputs import data, models
 from flexkd_ds.inputs import teacher_cache as store
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.common import (
@@ -198,7 +198,15 @@ class CachedTeacher:
 
 
 def head_only(teacher: ModelSpec, dtype: torch.dtype) -> torch.nn.Module:
-    """The teacher's LM head alone: the teacher is built (random) or loaded on CPU, the rest dropped."""
+    """The teacher's LM head alone: read by itself from a safetensors checkpoint (``models.load_lm_head``);
+    otherwise (GGUF, ``.bin``, a random teacher) the teacher is built or loaded on CPU and the rest dropped."""
+    if teacher.source is not None:
+        head = models.load_lm_head(teacher.source, teacher.config, dtype=dtype)
+        if head is not None:
+            return head
+        logger.info(
+            "%s: the head cannot be read alone (not safetensors); loading the teacher for it", teacher.name
+        )
     model = teacher.load(dtype)
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:

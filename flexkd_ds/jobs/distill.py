@@ -4,6 +4,7 @@ handling, metrics and a Hugging Face export."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from flexkd_ds.jobs.common import (
     teacher_engine,
     train_dataset,
 )
-from flexkd_ds.jobs.prune import check_prune_request, existing_pruned, prune_student, pruned_spec
+from flexkd_ds.jobs.prune import check_prune_request, cut_units, existing_pruned, prune_student, pruned_spec
 from flexkd_ds.jobs.score import feature_rows, score_hidden, score_teacher, summarize, write_importance
 from flexkd_ds.method import importance
 from flexkd_ds.method.losses import Projector, lm_loss
@@ -142,7 +143,10 @@ def run_distill(cfg: DistillConfig) -> Path:
         check_prune_request(cfg, teacher.config, student.width)
     pad_id = data.pad_token_id(tokenizer)
     pruned = cfg.model.resolved_student_init == "pruned"
-    uses_units = (weights.feature_loss == "flexkd" and weights.uses_feature) or pruned
+    flexkd_on = weights.feature_loss == "flexkd" and weights.uses_feature
+    # a model.student dir cut by launch/prune.py pairs by its prune.json (loss.unit_pairing)
+    units_by_cut = cut_units(cfg, teacher, student) if flexkd_on else None
+    uses_units = (flexkd_on and units_by_cut is None) or pruned
     found = existing_importance(cfg, teacher, student.width) if uses_units else None  # refuses a foreign file
     # the teacher also writes responses (data.responses=teacher) and scores the held-out set at the end
     needs_teacher = weights.uses_feature or weights.uses_logit or pruned or needs_teacher_responses(cfg)
@@ -192,8 +196,17 @@ def run_distill(cfg: DistillConfig) -> Path:
         else:
             logger.info("reusing the pruned student in %s", student_dir)
         student = pruned_spec(student_dir, cfg.seed)
-    if not (weights.feature_loss == "flexkd" and weights.uses_feature):
+    if units_by_cut is not None:
+        unit_indices = torch.tensor(units_by_cut, dtype=torch.long, device=env.device)
+        importance_hash = "prune.json units " + hashlib.sha256(json.dumps(units_by_cut).encode()).hexdigest()
+    if not flexkd_on:
         unit_indices = None
+    elif env.is_main:  # which teacher unit each student unit is trained against, and why
+        how = "pruning" if units_by_cut is not None or pruned else "importance"
+        (out / "unit_pairing.json").write_text(json.dumps({
+            "pairing": how, "student": student.name, "teacher": teacher.name,
+            "units": unit_indices.tolist(), "note": "student unit m is paired with teacher unit units[m]",
+        }, indent=1))  # fmt: skip
     teacher_valid = None
     if (
         valid_set is not None and t_engine is not None

@@ -508,7 +508,8 @@ def cache_storage(cfg: DistillConfig, t: ModelShape, t_zero: ZeroSetup, world: i
         "head_gib": memory.lm_head_bytes(t, tb) / GIB,
         "build_required_gib": (sum(build.gpu.values()) + memory.reserve_bytes(gpu_mem_gib)) / GIB,
         "build_cpu_per_node_gib": build.cpu_total_per_node / GIB,
-        "head_load_cpu_per_node_gib": gpus_per_node * t.params * tb / GIB,
+        "head_load_cpu_per_node_gib": gpus_per_node * t.params * tb / GIB,  # a GGUF / .bin teacher
+        "head_read_cpu_per_node_gib": gpus_per_node * memory.lm_head_bytes(t, tb) / GIB,  # safetensors
     }
 
 
@@ -552,8 +553,9 @@ def before_training(
             f"cache build (launch/cache_teacher.py, or distill first when teacher_cache.dir holds no complete "
             f"cache): the teacher's engine alone, {cache['build_required_gib']:.1f} GiB per GPU with the "
             f"reserve{cpu} (forward at importance.batch_size={cfg.importance.batch_size}), freed before the "
-            f"student is built; to take the head every rank loads the whole teacher on CPU once "
-            f"({cache['head_load_cpu_per_node_gib']:.1f} GiB CPU RAM per node for a short time)"
+            f"student is built; every rank reads the teacher's head alone from a safetensors checkpoint "
+            f"({cache['head_read_cpu_per_node_gib']:.2f} GiB CPU RAM per node); a GGUF or .bin teacher is "
+            f"loaded whole on CPU for it ({cache['head_load_cpu_per_node_gib']:.1f} GiB per node, briefly)"
         )  # fmt: skip
     if cfg.model.resolved_student_init == "pruned":
         biggest = max(t.tensor_numels) * t_zero.param_bytes / GIB

@@ -175,6 +175,46 @@ def pruned_spec(student_dir: Path, seed: int) -> ModelSpec:
     return ModelSpec(f"pruned:{student_dir}", models.load_config(source), source, seed)
 
 
+def cut_units(cfg: DistillConfig, teacher: ModelSpec, student: ModelSpec) -> list[int] | None:
+    """Flex-KD's pairing by pruning for a ``model.student`` dir cut by launch/prune.py: the teacher units its
+    ``prune.json`` says it was cut from (student unit m = teacher unit ``units[m]``); None when the pairing
+    is the importance pass's (``loss.unit_pairing``, DESIGN.md). ``student_init=pruned`` is not handled here:
+    its units are the importance file's, which the cut used."""
+    mode = cfg.loss.unit_pairing
+    if mode == "importance" or cfg.model.resolved_student_init == "pruned":
+        return None
+    source = student.source
+    path = (
+        Path(source.path_or_name) / PRUNE_FILE if source is not None and source.kind == "local_dir" else None
+    )
+    if path is None or not path.is_file():
+        if mode == "pruning":
+            raise ValueError(
+                f"loss.unit_pairing=pruning needs a pruned student (model.student_init=pruned, or a "
+                f"model.student dir written by launch/prune.py, with {PRUNE_FILE}); {student.name} has none: "
+                "set loss.unit_pairing=importance (or auto)"
+            )
+        return None
+    record = json.loads(path.read_text())
+    units = record.get("plan", {}).get("units")
+    wanted = {"teacher": teacher.name, "d_teacher": teacher.width, "d_student": student.width}
+    differ = {k: (record.get(k), v) for k, v in wanted.items() if record.get(k) != v}
+    if units is not None and len(units) != student.width:
+        differ["plan.units"] = (f"{len(units)} units", f"{student.width} units")
+    if units is None or differ:
+        what = "; ".join(f"{k}: {a!r} in {PRUNE_FILE}, {b!r} in this run" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"loss.unit_pairing={mode}: {path} does not describe this pair ({what or 'no plan.units'}); use "
+            "the teacher the student was cut from, or set loss.unit_pairing=importance to pair by a fresh "
+            "importance pass"
+        )
+    logger.info(
+        "flexkd pairs student unit m with teacher unit units[m], the unit it was cut from (%s); "
+        "loss.unit_pairing=importance re-selects them by importance", path,
+    )  # fmt: skip
+    return [int(u) for u in units]
+
+
 def existing_pruned(cfg: DistillConfig, teacher: ModelSpec, found: importance.ImportanceFile) -> Path | None:
     """The pruned student dir to reuse (made from this importance file and these prune settings), None to cut
     one; raises when the dir was cut for another teacher, importance file or settings."""
