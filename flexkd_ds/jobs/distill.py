@@ -68,11 +68,31 @@ class DistillStudent(nn.Module):
         self.projector = projector
         self._head_input = HeadInput(model)
 
-    def forward(self, input_ids, attention_mask):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        hidden = self._head_input.pop()  # (B, T, d_S)
+    def forward(self, input_ids, attention_mask, logit_rows=None):
+        """``logit_rows`` (B, T) bool: the logits only at those positions, (1, R, V) in row-major order (the
+        only ones the LM and logit terms read: ``labels != -100``), so no (B, T, V) tensor is formed; the
+        hidden state is whole. None: (B, T, V) logits."""
+        if logit_rows is None or not head_is_last(self.model):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            hidden = self._head_input.pop()  # (B, T, d_S)
+            if logit_rows is not None:
+                logits = logits[logit_rows][None]
+        else:
+            base = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = base.last_hidden_state  # the LM-head input (tests/test_distill.py checks it is)
+            logits = self.model.get_output_embeddings()(hidden[logit_rows])[None]
+            self._head_input.pop()  # the hook saw hidden[logit_rows]; the feature terms read all of hidden
         projected = self.projector(hidden) if self.projector is not None else None  # (B, T, d_T)
         return logits, hidden, projected
+
+
+def head_is_last(model) -> bool:
+    """True when the logits are the LM head's output as is (no soft-capping or scaling after it), so they
+    can be formed from the base model's last hidden state at chosen rows only."""
+    config = getattr(model, "config", None)
+    return all(
+        getattr(config, name, None) in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale")
+    )
 
 
 def lr_multiplier(train_cfg):
@@ -343,23 +363,26 @@ def train_step(
     sums = torch.zeros(5, dtype=torch.float64)  # lm, logit, projector, feature value, micro-batches
     for batch in micro_batches:
         teacher_logits = teacher_hidden = None
+        rows = batch["labels"] != -100  # the LM and logit terms read the logits here only: (1, R, V)
         if t_engine is not None:
             start = time.perf_counter()
             with torch.no_grad():
                 teacher_logits = t_engine(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits
+                ).logits[rows][None]
             teacher_hidden = capture.pop()
             accelerator.synchronize()
             teacher_s += time.perf_counter() - start
         elif cached is not None:
             start = time.perf_counter()
             teacher_logits, teacher_hidden = cached(
-                batch["example_ids"].tolist(), batch["input_ids"].shape[1]
+                batch["example_ids"].tolist(), batch["input_ids"].shape[1], rows=rows
             )
             teacher_s += time.perf_counter() - start
         start = time.perf_counter()
-        student_logits, student_hidden, projected = s_engine(batch["input_ids"], batch["attention_mask"])
+        student_logits, student_hidden, projected = s_engine(
+            batch["input_ids"], batch["attention_mask"], logit_rows=rows
+        )
         terms = micro_objective(
             weights,
             student_logits=student_logits,
@@ -367,7 +390,7 @@ def train_step(
             student_hidden=student_hidden,
             teacher_hidden=teacher_hidden,
             projected_hidden=projected,
-            labels=batch["labels"],
+            labels=batch["labels"][rows][None],
             feature_mask=feature_rows(batch, cfg.loss.feature_tokens),
             unit_indices=unit_indices,
             global_tokens=global_tokens,
