@@ -543,6 +543,73 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, straight_run):
     check_same_as_straight(out, straight_run)
 
 
+SAVING = [*RESUME, "train.save_every=2"]  # checkpoints at steps 2, 4, ...; the straight run's training
+
+
+def rank1_optimizer_file(tag_dir: Path) -> Path:
+    found = sorted(tag_dir.glob("*pp_rank_1_*optim_states.pt"))
+    assert found, f"no rank-1 optimizer file in {sorted(p.name for p in tag_dir.iterdir())}"
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated_optimizer_file", "empty_latest"])
+def test_a_damaged_checkpoint_is_not_used_and_the_run_ends_as_a_straight_one(tmp_path, straight_run, damage):
+    """The newest checkpoint with one rank's optimizer file truncated is named and skipped (resume from the
+    previous complete one); an empty ``latest`` is ignored (resume from the newest complete checkpoint).
+    Either way the run ends with the straight run's losses and weights."""
+    out = tmp_path / "run"
+    run_job(DISTILL, out, [*SAVING, "train.max_steps=4"], nprocs=2, timeout=JOB_TIMEOUT)
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step00000002", "step00000004"]
+    if damage == "truncated_optimizer_file":
+        victim = rank1_optimizer_file(ckpt / "step00000004")
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        expected = "step00000002"
+    else:
+        (ckpt / "latest").write_text("")
+        expected = "step00000004"
+    resumed = run_job(DISTILL, out, SAVING, nprocs=2, timeout=JOB_TIMEOUT)
+    assert f"resumed from {ckpt / expected}" in resumed.output, resumed.tail()
+    if damage == "truncated_optimizer_file":
+        assert f"step00000004: {victim} has" in resumed.output and "falling back" in resumed.output
+    check_same_as_straight(out, straight_run)
+
+
+@pytest.mark.slow
+def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path, straight_run):
+    """SIGKILL of rank 1 while the step-4 checkpoint is being written (each save held open 4 s): no
+    completion marker, ``latest`` still names step 2; the rerun says so, resumes from step 2 and ends as
+    the straight run."""
+    import psutil
+
+    out = tmp_path / "run"
+    job = start_job(DISTILL, out, SAVING, nprocs=2, env={"FLEXKD_CHECKPOINT_SAVE_DELAY_S": "4"})
+    tag4, killed = out / "checkpoints" / "step00000004", False
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while time.monotonic() < deadline and job.proc.poll() is None and not killed:
+            if tag4.is_dir() and list(tag4.glob("*pp_rank_1_*optim_states.pt")):  # DeepSpeed has written
+                for proc in psutil.Process(job.proc.pid).children(recursive=True):
+                    try:
+                        if DISTILL in proc.cmdline() and "--local_rank=1" in proc.cmdline():
+                            proc.kill()
+                            killed = True
+                    except psutil.Error:
+                        continue
+            time.sleep(0.05)
+        result = job.wait(JOB_TIMEOUT)
+    finally:
+        kill_tree(job.proc.pid)
+    assert killed and result.returncode != 0, result.tail()
+    assert not (tag4 / "flexkd_complete.json").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "step00000002"
+    resumed = run_job(DISTILL, out, SAVING, nprocs=2, timeout=JOB_TIMEOUT)
+    assert "step00000004:" in resumed.output and "its save did not finish" in resumed.output, resumed.tail()
+    assert f"resumed from {out / 'checkpoints' / 'step00000002'}" in resumed.output
+    check_same_as_straight(out, straight_run)
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 FOREIGN_TEACHER = (

@@ -446,3 +446,22 @@ def test_every_recipe_plans_with_a_teacher_cache(recipe):
         == report.models["teacher"]["vocab"] * report.models["teacher"]["d_head_input"] * 2
     )
     assert report.exit_code == (1 if recipe.stem == "quickstart" else 0)  # quickstart prunes from the body
+
+
+@pytest.mark.parametrize("recipe", [OPT, LLAMA, GPT2], ids=lambda p: p.stem)
+def test_paper_recipes_centre_the_correlation_over_the_papers_batch(recipe):
+    """Global micro-batch of 8 GPUs x micro 1 = the paper's batch of 8; a single-sequence correlation batch
+    (the same recipe with the per-rank scope) is warned about, naming the option that fixes it."""
+    report = P.plan(load_config(recipe), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    assert report.setup["correlation_sequences"] == 8
+    assert not [w for w in report.warnings if "centred over 1 sequence" in w]
+    local = P.plan(load_config(recipe, ["loss.correlation_scope=local"]), nodes=1, gpus_per_node=8)
+    assert local.setup["correlation_sequences"] == 1
+    (warning,) = [w for w in local.warnings if "centred over 1 sequence" in w]
+    assert "loss.correlation_scope=global" in warning
+    off = P.plan(
+        load_config(recipe, ["loss.feature_loss=none", "loss.correlation_scope=local"]),
+        nodes=1,
+        gpus_per_node=8,
+    )
+    assert off.setup["correlation_sequences"] is None

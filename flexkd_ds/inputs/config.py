@@ -243,7 +243,9 @@ class LossConfig:
     skew: float = _opt(0.1, "Mixture weight of skew_fkl / skew_rkl (DistiLLM).", ge=0, le=1)
     jsd_beta: float = _opt(0.5, "Beta of jsd (GKD); 0 = fkl, 1 = rkl.", ge=0, le=1)
     correlation_scope: Literal["local", "global"] = _opt(
-        "local", "local = per-rank micro-batch; global = exact over the data-parallel batch (flexkd only)."
+        "local",
+        "local = per-rank micro-batch; global = exact over the data-parallel batch (flexkd only: other feature "
+        "losses ignore it, so one switch changes the method).",
     )
     correlation_eps: float = _opt(1e-6, "Guard on the column norms of the correlation.", gt=0)
     feature_tokens: Literal["all", "response"] = _opt(
@@ -271,11 +273,6 @@ class LossConfig:
             tuple(on),
             f"every loss term is off: loss.feature_loss={self.feature_loss}, loss.alpha={self.alpha}, "
             f"loss.logit_loss={self.logit_loss}, loss.beta={self.beta}, loss.lm_weight={self.lm_weight}",
-        )
-        _check(
-            self.correlation_scope == "local" or self.feature_loss == "flexkd",
-            ("loss.correlation_scope", "loss.feature_loss"),
-            f"loss.correlation_scope=global needs loss.feature_loss=flexkd; got {self.feature_loss}",
         )
         _check(
             not (on["loss.beta"] and self.logit_loss.startswith("skew_") and self.skew == 1.0),
@@ -384,13 +381,19 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "Gradient-norm clipping (DeepSpeed gradient_clipping); 0 = off.", ge=0)
     log_every: int = _opt(1, "Write a metrics.jsonl line every this many steps.", ge=1)
     save_every: int = _opt(0, "Checkpoint every this many steps; 0 = only at the end.", ge=0)
+    keep_checkpoints: int = _opt(
+        2,
+        "Complete checkpoints kept; an older one is deleted only after a newer one is complete; 0 = all.",
+        ge=0,
+    )
     eval_every: int = _opt(
         0,
         "Evaluate on data.valid every this many steps; 0 = only after the last step (with data.valid).",
         ge=0,
     )
     resume: str = _opt(
-        "auto", "auto = latest checkpoint under <output_dir>/checkpoints, if any; never; or a dir."
+        "auto",
+        "auto = the newest complete checkpoint under <output_dir>/checkpoints, if any; never; or a dir.",
     )
 
     def __post_init__(self) -> None:

@@ -38,9 +38,11 @@ from flexkd_ds.method.losses import Projector, lm_loss
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
 from flexkd_ds.runtime import sampling
 from flexkd_ds.runtime.checkpoints import (
+    checkpoint_problem,
+    checkpoint_tags,
     consolidated_state_dict,
-    latest_checkpoint,
     load_checkpoint,
+    resumable_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -259,7 +261,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         len(dataset), rank=env.rank, world_size=env.world_size, seed=cfg.seed
     )
     ckpt_dir = out / "checkpoints"
-    start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash)
+    start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash, env)
     student_valid_start = None
     if valid_set is not None and start_step == 0:
         student_valid_start = validation_loss(
@@ -287,7 +289,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             if agreed[1] > 0:
                 logger.info("preemption signal: checkpointing at step %d and exiting", step)
                 sampler.load_state_dict(sampler_before)
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
+                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, t.keep_checkpoints)
                 return out / "student"
             lr = s_engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
             last = train_step(
@@ -311,13 +313,13 @@ def run_distill(cfg: DistillConfig) -> Path:
                     [(f"train/{k}", v, step) for k, v in last.items() if k != "step"]
                 )
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
+                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, t.keep_checkpoints)
     finally:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
 
-    checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash)
+    checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, t.keep_checkpoints)
     student_dir = export_student(s_engine, module, tokenizer, out, env)
     if env.is_main:
         terms = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("loss", "lm", "logit", "feature"))
@@ -487,31 +489,68 @@ def trim_metrics(path: Path, start_step: int) -> int:
     return dropped
 
 
-def checkpoint(s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None) -> None:
+def checkpoint(
+    s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None, keep: int = 0
+) -> None:
     client_state = {"step": step, "importance_hash": importance_hash, "sampler": sampler.state_dict()}
     rank_state = {"rng": rng_state(), "sampler": sampler.state_dict()}
-    save_checkpoint(s_engine, ckpt_dir, f"step{step:08d}", client_state, rank_state)
+    save_checkpoint(s_engine, ckpt_dir, f"step{step:08d}", client_state, rank_state, keep=keep)
     logger.info("checkpoint step %d saved in %s", step, ckpt_dir)
 
 
-def resume(cfg: DistillConfig, s_engine, sampler, ckpt_dir: Path, importance_hash: str | None) -> int:
-    """Load the checkpoint ``train.resume`` asks for; returns the step to continue from (0 if none)."""
+def resume(cfg: DistillConfig, s_engine, sampler, ckpt_dir: Path, importance_hash: str | None, env) -> int:
+    """Load the checkpoint ``train.resume`` asks for; returns the step to continue from (0 if none).
+
+    ``auto``: the newest complete checkpoint that loads on every rank; each newer one that is incomplete
+    (a save that did not finish, a missing or truncated file) or does not load is named with what is wrong,
+    and the previous one is tried. A path: that checkpoint, or an error saying what is wrong with it."""
     mode = cfg.train.resume
     if mode == "never":
         return 0
     if mode == "auto":
-        directory, tag = ckpt_dir, latest_checkpoint(ckpt_dir)
-        if tag is None:
+        directory = ckpt_dir
+        tags, skipped = resumable_checkpoints(directory, env.world_size)
+        for line in skipped:
+            logger.warning("checkpoint %s; falling back to an older one", line)
+        if not tags:
+            if skipped:
+                logger.warning("no complete checkpoint in %s: training starts from step 0", directory)
             return 0
     else:
         path = Path(mode)
-        if (path / "latest").is_file():
-            directory, tag = path, latest_checkpoint(path)
+        if (path / "latest").is_file() or checkpoint_tags(path):
+            directory = path
+            tags, skipped = resumable_checkpoints(path, env.world_size)
+            if not tags:
+                raise ValueError(
+                    f"train.resume={mode!r}: no complete checkpoint there ({'; '.join(skipped)})"
+                )
         elif path.is_dir():
-            directory, tag = path.parent, path.name
+            directory, tags = path.parent, [path.name]
+            problem = checkpoint_problem(directory, path.name, env.world_size)
+            if problem is not None:
+                raise ValueError(
+                    f"train.resume={mode!r}: {problem}; name an older checkpoint, or train.resume=never"
+                )
         else:
             raise FileNotFoundError(f"train.resume={mode!r}: no such checkpoint directory")
-    client_state, rank_state = load_checkpoint(s_engine, directory, tag)
+    for tag in tags:
+        try:
+            client_state, rank_state = load_checkpoint(s_engine, directory, tag)
+            failed = 0.0
+        except Exception as err:  # noqa: BLE001 - a damaged file: every rank must move on together
+            logger.warning("checkpoint %s could not be loaded on rank %d: %s", directory / tag, env.rank, err)
+            failed = 1.0
+        if all_reduce_sum(torch.tensor([failed], device=env.device)).item() == 0:
+            break
+        if mode != "auto":
+            raise ValueError(
+                f"train.resume={mode!r}: checkpoint {tag} could not be loaded (see the log above)"
+            )
+        logger.warning("checkpoint %s did not load on every rank; falling back to an older one", tag)
+    else:
+        logger.warning("no checkpoint in %s loads: training starts from step 0", directory)
+        return 0
     saved_hash = client_state.get("importance_hash")
     if saved_hash != importance_hash:
         raise ValueError(

@@ -405,6 +405,14 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
         report.errors.append(batch_error)
     elif accum != cfg.train.grad_accum:
         report.required_overrides.append(f"train.grad_accum={accum}")
+    sequences = correlation_sequences(cfg, report.world)
+    if sequences == 1:
+        report.warnings.append(
+            f"the Flex-KD correlation is centred over 1 sequence (loss.correlation_scope="
+            f"{cfg.loss.correlation_scope}, train.micro_batch_size={cfg.train.micro_batch_size}, {report.world} "
+            "rank(s)): its batch statistics are one sequence's tokens; the paper centres over its batch of 8. "
+            "Set loss.correlation_scope=global (over all ranks' micro-batches) or a larger train.micro_batch_size"
+        )
     planner = _Planner(cfg, t, s, gpus_per_node, gpu_mem_gib)
     base = Scenario(cfg.train.micro_batch_size, cfg.data.max_length, nodes,
                     cfg.deepspeed.teacher_config, cfg.deepspeed.student_config)  # fmt: skip
@@ -412,6 +420,7 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
     t_zero = planner.zero(base.teacher_ds, "deepspeed.teacher_config")
     s_zero = planner.zero(base.student_ds, "deepspeed.student_config")
     report.setup = {
+        "correlation_sequences": sequences,
         "micro_batch_size": base.micro, "grad_accum": accum, "global_batch": accum and base.micro * accum * report.world,
         "seq_len": base.seq_len, "teacher_ds": base.teacher_ds, "student_ds": base.student_ds,
         "teacher_zero": dataclasses.asdict(t_zero), "student_zero": dataclasses.asdict(s_zero),
@@ -438,6 +447,15 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
             )
     report.before_training = before_training(cfg, t, s, t_zero, gpu_mem_gib, report.teacher_cache)
     return report
+
+
+def correlation_sequences(cfg: DistillConfig, world: int) -> int | None:
+    """How many sequences the Flex-KD correlation is centred over (None when flexkd is off): one micro-batch
+    per rank (``local``) or the micro-batches of all ranks (``global``); never the accumulation window."""
+    if cfg.loss.feature_loss != "flexkd" or cfg.loss.alpha <= 0:
+        return None
+    per_rank = cfg.train.micro_batch_size
+    return per_rank * world if cfg.loss.correlation_scope == "global" else per_rank
 
 
 # ------------------------------------------------------------------------------------- teacher cache
@@ -613,7 +631,9 @@ def format_report(report: PlanReport, title: str = "") -> str:
             teacher_text = (f"offline cache {c['dir']} ({c['dtype']} h); LM head only, "
                             f"{'16-bit' if tz['param_bytes'] == 2 else 'fp32'} ({setup['teacher_ds']} precision)")  # fmt: skip
         lines += ["", f"  batch: micro {setup['micro_batch_size']} x accum {setup['grad_accum']} x world "
-                  f"{report.world} = {setup['global_batch']}, {setup['seq_len']} tokens per example",
+                  f"{report.world} = {setup['global_batch']}, {setup['seq_len']} tokens per example"
+                  + (f"; Flex-KD correlation centred over {setup['correlation_sequences']} sequence(s)"
+                     if setup["correlation_sequences"] else ""),
                   f"  teacher: {teacher_text}",
                   f"  student: {zero_text(sz, setup['student_ds'])}", "",
                   f"  {'per-GPU memory':<58} {'GiB':>8}"]  # fmt: skip
