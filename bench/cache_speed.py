@@ -169,6 +169,7 @@ def student_step(weights, module, optimizer, batch, t_logits, t_hidden, units) -
         teacher_hidden=t_hidden, projected_hidden=None, labels=batch["labels"],
         feature_mask=batch["attention_mask"].bool(), unit_indices=units,
         global_tokens=float((batch["labels"] != -100).sum()), grad_accum=1, world_size=1,
+        global_feature_rows=float(batch["attention_mask"].sum()),
     )  # fmt: skip
     terms.loss.backward()
     optimizer.step()

@@ -127,7 +127,7 @@ def objective_inputs(s_logits, t_logits, s_hidden, t_hidden, projected, batch, u
     return dict(student_logits=s_logits, teacher_logits=t_logits, student_hidden=s_hidden, teacher_hidden=t_hidden,
                 projected_hidden=projected, labels=batch["labels"], feature_mask=batch["attention_mask"].bool(),
                 unit_indices=units, global_tokens=float((batch["labels"] != -100).sum()), grad_accum=1,
-                world_size=1)  # fmt: skip
+                world_size=1, global_feature_rows=float(batch["attention_mask"].sum()))  # fmt: skip
 
 
 def train_step(weights, teacher, capture, module, optimizer, batch, units):

@@ -67,6 +67,26 @@ def tiny_dataset(cfg):
     return dataset
 
 
+def test_scoring_leaves_no_hook_and_no_hidden_state_on_the_teacher(tmp_path):
+    """The importance pass reads the teacher's LM-head input through a hook; when it ends the hook is gone
+    (it used to stay for the whole run, keeping the last hidden state alive)."""
+    from flexkd_ds.jobs.score import score_teacher
+
+    cfg = recipe_config(tmp_path, ["importance.num_examples=4"])
+    teacher, _, tokenizer = model_specs(cfg)
+    model = teacher.load(torch.float32).eval()
+
+    class PlainEngine:  # what score_teacher uses of the ZeRO-3 engine: call it, and .module
+        module = model
+
+        def __call__(self, **kwargs):
+            return model(**kwargs)
+
+    accumulator = score_teacher(cfg, PlainEngine(), tiny_dataset(cfg), CPU, data.pad_token_id(tokenizer))
+    assert accumulator.num_examples == 4
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
 def rank_streams(num_examples: int, seed: int, world_size: int) -> list[list[int]]:
     """Epoch 0 of each rank's example stream, written out from the sampler's documented rule: a
     ``random.Random(seed)`` shuffle, rank r taking positions r, r + world, ..."""
@@ -608,6 +628,29 @@ def test_a_rank_killed_during_a_save_leaves_the_previous_checkpoint_in_charge(tm
     assert "step00000004:" in resumed.output and "its save did not finish" in resumed.output, resumed.tail()
     assert f"resumed from {out / 'checkpoints' / 'step00000002'}" in resumed.output
     check_same_as_straight(out, straight_run)
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_importance_pass_stops_cleanly_and_the_rerun_continues(tmp_path):
+    """SIGTERM reaches rank 1 before its 4th of 8 scoring batches (it sends it to itself through the real
+    handler): both ranks stop at that batch, save their partial sums and exit 0 (the handler used to be
+    installed only for training, so the rank died); the rerun continues at batch 3 and writes the importance
+    file an uninterrupted pass writes."""
+    args = ["train.max_steps=1", "importance.num_examples=64", "importance.batch_size=4"]
+    run_job(DISTILL, tmp_path / "whole", args, nprocs=2, timeout=JOB_TIMEOUT)
+    out = tmp_path / "run"
+    stopped = run_job(DISTILL, out, args, nprocs=2, timeout=JOB_TIMEOUT,
+                      env={"FLEXKD_SCORE_SIGNAL_AT_BATCH": "3"})  # fmt: skip
+    assert "the importance pass stopped after 3 of 8 batches" in stopped.output, stopped.tail()
+    assert not (out / "importance.safetensors").exists() and not (out / "student").exists()
+    assert sorted(p.name for p in (out / "importance.partial").iterdir()) == ["rank0.pt", "rank1.pt"]
+    rerun = run_job(DISTILL, out, args, nprocs=2, timeout=JOB_TIMEOUT)
+    assert "resuming a stopped pass at batch 3" in rerun.output, rerun.tail()
+    resumed, whole = (read_importance(d / "importance.safetensors")[0] for d in (out, tmp_path / "whole"))
+    assert torch.equal(resumed["scores"], whole["scores"]) and torch.equal(
+        resumed["indices"], whole["indices"]
+    )
+    assert not (out / "importance.partial").exists()
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs

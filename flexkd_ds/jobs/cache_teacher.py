@@ -145,7 +145,7 @@ def build_cache(cfg: DistillConfig, engine, fields: dict, dataset, env: DistEnv,
         )
     store_dtype = store.STORE_DTYPES[cfg.teacher_cache.dtype]
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
-    capture = HeadInput(engine.module)
+    capture = HeadInput(engine.module)  # removed below: distill goes on with this engine freed
     start = time.perf_counter()
     slots = [s for s in range(num_slots) if need[s] > 0]
     for slot in tqdm(slots, desc="teacher cache", disable=not env.is_main, unit="shard"):
@@ -163,6 +163,7 @@ def build_cache(cfg: DistillConfig, engine, fields: dict, dataset, env: DistEnv,
             store.write_shard(directory, store.shard_name(env.rank, slot), hidden_by_id)
         if delay:
             time.sleep(delay)
+    capture.remove()
     barrier()
     if env.is_main:
         names = [

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -56,6 +55,7 @@ from flexkd_ds.runtime.engines import (
     offload_optimizer_section,
     sharded_init,
 )
+from flexkd_ds.runtime.preemption import Preemption, stops_cleanly
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -115,19 +115,6 @@ def lr_multiplier(train_cfg):
     return multiplier
 
 
-class Preemption:
-    """SIGTERM / SIGUSR1 (SLURM preemption, ``scancel``, the launcher's forward) set a flag the training loop
-    reads at the next step boundary, where all ranks agree to checkpoint and exit 0."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-
 def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
     t = cfg.train
     ds = deepspeed_dict(
@@ -151,8 +138,10 @@ def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
     return ds
 
 
+@stops_cleanly
 def run_distill(cfg: DistillConfig) -> Path:
     """Run the whole distill job; returns the exported student directory."""
+    preemption = Preemption.install()  # first: a signal during loading or scoring waits for a safe boundary
     env = init_distributed()
     setup_logging(env)
     out = Path(cfg.output_dir)
@@ -268,7 +257,6 @@ def run_distill(cfg: DistillConfig) -> Path:
             _student_logits(s_engine), valid_set, env, pad_id, t.micro_batch_size
         )
 
-    preemption = Preemption()
     if env.is_main:
         trim_metrics(out / "metrics.jsonl", start_step)
     metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
@@ -283,8 +271,11 @@ def run_distill(cfg: DistillConfig) -> Path:
             micro_batches = [micro_batch(dataset, sampler.next_indices(t.micro_batch_size), pad_id, env)
                              for _ in range(t.grad_accum)]  # fmt: skip
             local_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
+            local_rows = sum(int(feature_rows(b, cfg.loss.feature_tokens).sum()) for b in micro_batches)
             agreed = all_reduce_sum(
-                torch.tensor([float(local_tokens), float(preemption.requested)], device=env.device)
+                torch.tensor(
+                    [float(local_tokens), float(preemption.requested), float(local_rows)], device=env.device
+                )
             )
             if agreed[1] > 0:
                 logger.info("preemption signal: checkpointing at step %d and exiting", step)
@@ -294,6 +285,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             lr = s_engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
             last = train_step(
                 cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env,
+                global_rows=float(agreed[2]),
                 cached=cached,
             )  # fmt: skip
             step += 1
@@ -356,7 +348,17 @@ def micro_batch(dataset, example_ids: list[int], pad_id: int, env: DistEnv) -> d
 
 
 def train_step(
-    cfg, weights, t_engine, capture, s_engine, micro_batches, global_tokens, unit_indices, env, cached=None
+    cfg,
+    weights,
+    t_engine,
+    capture,
+    s_engine,
+    micro_batches,
+    global_tokens,
+    unit_indices,
+    env,
+    cached=None,
+    global_rows=None,
 ) -> dict:
     """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (same on all ranks).
     The teacher is ``t_engine`` (live) or ``cached`` (a ``jobs.cache_teacher.CachedTeacher``)."""
@@ -396,6 +398,7 @@ def train_step(
             feature_mask=feature_rows(batch, cfg.loss.feature_tokens),
             unit_indices=unit_indices,
             global_tokens=global_tokens,
+            global_feature_rows=global_rows,
             grad_accum=cfg.train.grad_accum,
             world_size=env.world_size,
             all_reduce=all_reduce_sum,
@@ -409,7 +412,8 @@ def train_step(
             dtype=torch.float64,
         )
     totals = all_reduce_sum(sums.to(env.device)).cpu()
-    lm, logit, proj = (totals[:3] / global_tokens).tolist()
+    lm, logit = (totals[:2] / global_tokens).tolist()
+    proj = float(totals[2] / global_rows) if global_rows else 0.0  # mean over the feature rows
     feature = float(totals[3] / totals[4])
     if weights.feature_loss == "projector":
         feature = proj

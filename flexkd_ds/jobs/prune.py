@@ -29,6 +29,7 @@ from flexkd_ds.method import importance, prune
 from flexkd_ds.runtime import sampling
 from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier
 from flexkd_ds.runtime.engines import gathered
+from flexkd_ds.runtime.preemption import stops_cleanly
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -246,6 +247,7 @@ def existing_pruned(cfg: DistillConfig, teacher: ModelSpec, found: importance.Im
     return out
 
 
+@stops_cleanly
 def run_prune(cfg: DistillConfig) -> Path:
     """``launch/prune.py``: the importance file (reused or scored), then the pruned student; returns its dir.
 

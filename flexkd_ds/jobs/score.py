@@ -4,7 +4,11 @@ sharded over all ranks, reduced exactly, written as ``importance.safetensors`` (
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -14,8 +18,9 @@ from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.common import ModelSpec, importance_metadata
 from flexkd_ds.method import importance
 from flexkd_ds.runtime import sampling
-from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier
+from flexkd_ds.runtime.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier
 from flexkd_ds.runtime.engines import HeadInput, gathered
+from flexkd_ds.runtime.preemption import Preempted, Preemption, stops_cleanly
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -59,28 +64,78 @@ def score_teacher(
     examples whose rows are all masked and which the accumulator skips), as ZeRO-3 requires.
     """
     weight, bias = teacher_head(engine)
-    capture = HeadInput(engine.module)
+    with HeadInput(engine.module) as capture:  # removed after scoring: the teacher keeps no hook
 
-    def hidden_of(batch, positions):
-        with torch.no_grad():
-            engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return capture.pop()
+        def hidden_of(batch, positions):
+            with torch.no_grad():
+                engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            return capture.pop()
 
-    return score_hidden(cfg, dataset, env, pad_id, weight, bias, hidden_of)
+        return score_hidden(cfg, dataset, env, pad_id, weight, bias, hidden_of)
+
+
+# Tests only: a rank sends itself SIGTERM before scoring this batch index (the real handler then runs).
+SIGNAL_AT_BATCH_ENV = "FLEXKD_SCORE_SIGNAL_AT_BATCH"
+
+
+def partial_path(cfg: DistillConfig, rank: int) -> Path:
+    """Where a stopped importance pass keeps this rank's partial sums (always inside output_dir)."""
+    return Path(cfg.output_dir) / "importance.partial" / f"rank{rank}.pt"
+
+
+def _partial_key(cfg: DistillConfig, env: DistEnv, num_examples: int, d_teacher: int) -> dict:
+    i = cfg.importance
+    return {"data": cfg.data.train, "seed": cfg.seed, "num_examples": num_examples, "batch_size": i.batch_size,
+            "functional": i.functional, "feature_tokens": cfg.loss.feature_tokens, "world_size": env.world_size,
+            "d_teacher": d_teacher, "teacher": cfg.model.teacher or str(cfg.model.teacher_arch)}  # fmt: skip
+
+
+def _resume_point(cfg, env: DistEnv, key: dict, accumulator) -> int:
+    """The batch index a stopped pass continues from (0: none, or not every rank has its matching sums)."""
+    path = partial_path(cfg, env.rank)
+    saved = torch.load(path, weights_only=False) if path.is_file() else None
+    start = saved["next"] if saved is not None and saved["key"] == key else -1
+    starts = all_gather_objects(start) if env.world_size > 1 else [start]
+    if min(starts) < 0 or len(set(starts)) != 1:
+        return 0
+    accumulator.load_state_tensor(saved["state"])
+    logger.info("importance: resuming a stopped pass at batch %d (partial sums in %s)", start, path.parent)
+    return start
 
 
 def score_hidden(cfg, dataset, env: DistEnv, pad_id: int, weight, bias, hidden_of):
     """The importance pass over ``hidden_of(batch, example_ids) -> (B, T, d_T)`` LM-head inputs: the live
-    teacher's (``score_teacher``) or a teacher cache's (``jobs.cache_teacher``); the head is (weight, bias)."""
+    teacher's (``score_teacher``) or a teacher cache's (``jobs.cache_teacher``); the head is (weight, bias).
+
+    On a preemption signal (``runtime.preemption``) all ranks agree at the next batch, save their partial sums
+    to ``<output_dir>/importance.partial/`` and raise ``Preempted``; the rerun continues from there and ends
+    with the sums an uninterrupted pass gives (the same batches, added in the same order)."""
     icfg = cfg.importance
     order = scoring_order(cfg, len(dataset))
     num_examples = len(order)
     batches = sampling.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
     weight, bias = weight.to(env.device), None if bias is None else bias.to(env.device)
     accumulator = importance.ImportanceAccumulator(weight.shape[1])
+    key = _partial_key(cfg, env, num_examples, weight.shape[1])
+    first = _resume_point(cfg, env, key, accumulator)
+    preemption = Preemption.current()
+    signal_at = int(os.environ.get(SIGNAL_AT_BATCH_ENV, "-1") or -1)
     start = time.perf_counter()
-    bar = tqdm(batches, desc="importance", disable=not env.is_main, unit="batch")
-    for batch_positions in bar:
+    bar = tqdm(batches, desc="importance", disable=not env.is_main, unit="batch", initial=first)
+    for index, batch_positions in enumerate(batches):
+        if index < first:
+            continue
+        if index == signal_at and env.rank == env.world_size - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if preemption is not None and preemption.agreed(env.device):
+            path = partial_path(cfg, env.rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "next": index, "state": accumulator.state_tensor()}, path)
+            barrier()
+            raise Preempted(
+                f"preemption signal: the importance pass stopped after {index} of {len(batches)} batches per "
+                f"rank; its partial sums are in {path.parent}: rerun the same command to continue"
+            )
         example_ids = [None if p is None else order[p] for p in batch_positions]
         examples = [None if i is None else dataset[i] for i in example_ids]
         batch = {k: v.to(env.device) for k, v in data.collate(examples, pad_id).items()}
@@ -92,8 +147,13 @@ def score_hidden(cfg, dataset, env: DistEnv, pad_id: int, weight, bias, hidden_o
             chunk_tokens=icfg.chunk_tokens,
         )  # fmt: skip
         accumulator.update(scores, rows.sum(1))
+        bar.update(1)
+    bar.close()
     state = accumulator.state_tensor().to(env.device)
     accumulator.load_state_tensor(all_reduce_sum(state).cpu())
+    barrier()
+    if env.is_main:
+        shutil.rmtree(partial_path(cfg, 0).parent, ignore_errors=True)  # used up
     logger.info(
         "importance: %d examples, %d tokens over %d ranks in %.1f s",
         accumulator.num_examples,
@@ -134,6 +194,7 @@ def summarize(found: importance.ImportanceFile, top: int = 10) -> str:
     )
 
 
+@stops_cleanly
 def run_score(cfg: DistillConfig, compare: str | None = None) -> importance.ImportanceFile:
     """The scoring job (``launch/score.py``): importance file for ``cfg``'s teacher and student width."""
     from flexkd_ds.jobs.common import model_specs, setup_logging, teacher_engine, train_dataset

@@ -3,8 +3,10 @@
 One rule for every term, so the update does not depend on how the global batch is split into micro-batches
 and ranks (DESIGN.md "Engines"):
 
-- *token terms* (logit divergence, LM loss, projector MSE) are sums over valid tokens divided by the
-  all-reduced valid-token count of the whole global batch (all micro-batches of the step, all ranks);
+- *token terms* (logit divergence, LM loss) are sums over valid tokens divided by the all-reduced
+  valid-token count of the whole global batch (all micro-batches of the step, all ranks); the projector MSE
+  is a sum over the feature rows (``feature_mask``) divided by the all-reduced count of those rows
+  (``global_feature_rows``), so its weight does not move with the prompt / response mix of a batch;
 - *batch terms* (the Flex-KD correlation and CKA) are statistics of a set of rows, not sums over tokens.
   They are taken per micro-batch (over the rows of all ranks with ``correlation_scope: global``, else per
   rank) and averaged over the micro-batches of the step (and over ranks for local scope).
@@ -85,7 +87,9 @@ def micro_objective(
     labels: Tensor,  # (B, T) shifted targets, -100 where no loss
     feature_mask: Tensor,  # (B, T) bool rows of the feature loss
     unit_indices: Tensor | None,  # (d_S,) for flexkd
-    global_tokens: float,  # valid (label) tokens of the whole step, all micro-batches and ranks
+    global_tokens: float,
+    global_feature_rows: float
+    | None = None,  # valid (label) tokens of the whole step, all micro-batches and ranks
     grad_accum: int,
     world_size: int,
     all_reduce: AllReduce | None = None,
@@ -122,7 +126,9 @@ def micro_objective(
             proj_sum = losses.projector_mse_loss_from_projected(
                 projected_hidden, teacher_hidden, feature_mask, reduction="sum"
             )
-            token_terms = token_terms + weights.alpha * proj_sum
+            if not global_feature_rows:
+                raise ValueError("the projector term needs global_feature_rows (all ranks' feature rows)")
+            batch_term = weights.alpha * proj_sum / global_feature_rows  # a mean over all feature rows
             terms.projector_sum = float(proj_sum.detach())
         else:
             value, batch_weight = _batch_feature_term(

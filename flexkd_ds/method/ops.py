@@ -15,6 +15,7 @@ CPU install without a working triton still imports this module.
 
 from __future__ import annotations
 
+import logging
 import os
 from types import ModuleType
 
@@ -23,6 +24,8 @@ from torch import Tensor
 
 from flexkd_ds.method import losses
 from flexkd_ds.method.losses import AllReduce
+
+logger = logging.getLogger("flexkd_ds")
 
 IMPLS = ("auto", "torch", "triton")
 ENV_VAR = "FLEXKD_IMPL"
@@ -41,12 +44,34 @@ def _kernel_module() -> ModuleType:
     return correlation
 
 
-def _triton_importable() -> bool:
+def _auto_choice(tensors) -> tuple[str, str]:
+    """What ``impl="auto"`` runs for these tensors, and why (in words for the log)."""
+    where = {f"{t.device.type} {str(t.dtype).removeprefix('torch.')}" for t in tensors}
+    if not all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in tensors):
+        return (
+            "torch",
+            f"the hidden states are {', '.join(sorted(where))} (the kernel takes CUDA fp32/fp16/bf16)",
+        )
     try:
         _kernel_module()
-    except RuntimeError:
-        return False
-    return True
+    except RuntimeError as error:
+        return "torch", f"the Triton kernel cannot be used: {error.__cause__ or error}"
+    return "triton", "CUDA hidden states and a working Triton install"
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def _announce(impl: str, why: str) -> None:
+    """Say once per process (rank 0 only) which correlation implementation ``auto`` runs and why; a fallback
+    from a CUDA run to torch is a warning."""
+    if (impl, why) in _ANNOUNCED:
+        return
+    _ANNOUNCED.add((impl, why))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    level = logging.WARNING if "cannot be used" in why else logging.INFO
+    logger.log(level, "loss.impl=auto: the Flex-KD correlation runs on %s: %s", impl, why)
 
 
 def resolve_impl(impl: str, tensor: Tensor, *more: Tensor) -> str:
@@ -68,10 +93,9 @@ def resolve_impl(impl: str, tensor: Tensor, *more: Tensor) -> str:
             raise ValueError(f"${ENV_VAR} must be one of {IMPLS}; got {override!r}")
         impl = override or "auto"
     if impl == "auto":
-        tensors = (tensor, *more)
-        fits = all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in tensors)
-        use_kernel = fits and _triton_importable()
-        return "triton" if use_kernel else "torch"
+        impl, why = _auto_choice((tensor, *more))
+        _announce(impl, why)
+        return impl
     if impl == "triton":
         kernels = _kernel_module()
         if not tensor.is_cuda and not (tensor.device.type == "cpu" and kernels.INTERPRETED):

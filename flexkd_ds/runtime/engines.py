@@ -88,6 +88,17 @@ class HeadInput:
             raise RuntimeError("the LM head did not run in the last forward; no hidden state was captured")
         return value
 
+    def remove(self) -> None:
+        """Take the hook off the head and drop what it holds (a capture that is done keeps nothing alive)."""
+        self._handle.remove()
+        self._value = None
+
+    def __enter__(self) -> HeadInput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
 
 def build_teacher_engine(load_model: Callable[[], nn.Module], ds_dict: dict, *, sharded: bool = True):
     """A frozen ZeRO-3 inference engine around the teacher.
