@@ -143,6 +143,10 @@ def test_two_ranks_fp32_cache_trains_the_same_student_as_the_live_teacher(tmp_pa
     live, cached = student_state(tmp_path / "live"), student_state(tmp_path / "fp32")
     print(f"2 ranks, fp32 cache vs live teacher: max |diff| = {max_abs_diff(cached, live):.3g}")
     assert_states_close(cached, live, atol=1e-5)
+    run_job(DISTILL, tmp_path / "bf16", [*STEPS, f"teacher_cache.dir={tmp_path / 'c16'}"], nprocs=2)
+    diff = max_abs_diff(student_state(tmp_path / "bf16"), live)
+    print(f"2 ranks, bf16 cache vs live teacher: max |diff| = {diff:.3g}")
+    assert diff < 5e-3
 
 
 @pytest.mark.slow

@@ -148,7 +148,10 @@ def build_cache(cfg: DistillConfig, engine, fields: dict, dataset, env: DistEnv,
     capture = HeadInput(engine.module)  # removed below: distill goes on with this engine freed
     start = time.perf_counter()
     slots = [s for s in range(num_slots) if need[s] > 0]
-    for slot in tqdm(slots, desc="teacher cache", disable=not env.is_main, unit="shard"):
+    total = sum(len(slot_batches(env.rank, slot)) for slot in slots)
+    bar = tqdm(total=total, desc=f"teacher cache ({len(slots)} shard(s) per rank)", disable=not env.is_main,
+               unit="batch")  # fmt: skip
+    for slot in slots:
         hidden_by_id = {}
         for positions in slot_batches(env.rank, slot):
             examples = [None if p is None else dataset[p] for p in positions]
@@ -156,6 +159,7 @@ def build_cache(cfg: DistillConfig, engine, fields: dict, dataset, env: DistEnv,
             with torch.no_grad():
                 engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             hidden = capture.pop()  # (B, T, d_T)
+            bar.update(1)
             for row, (p, example) in enumerate(zip(positions, examples, strict=True)):
                 if p is not None:
                     hidden_by_id[p] = hidden[row, : len(example["input_ids"])].to("cpu", store_dtype).clone()
@@ -164,6 +168,7 @@ def build_cache(cfg: DistillConfig, engine, fields: dict, dataset, env: DistEnv,
         if delay:
             time.sleep(delay)
     capture.remove()
+    bar.close()
     barrier()
     if env.is_main:
         names = [
