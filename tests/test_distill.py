@@ -87,6 +87,24 @@ def test_scoring_leaves_no_hook_and_no_hidden_state_on_the_teacher(tmp_path):
     assert not model.get_output_embeddings()._forward_pre_hooks
 
 
+def test_recompute_never_overwrites_an_importance_file_given_as_input(tmp_path):
+    """importance.path into another run + importance.recompute=true: that file is left byte for byte; the
+    new scores are written to this run's output_dir and used (they used to overwrite the other run's file)."""
+    run_job(DISTILL, tmp_path / "a", ["train.max_steps=1", "importance.num_examples=8"], nprocs=1)
+    theirs = tmp_path / "a" / "importance.safetensors"
+    before = theirs.read_bytes()
+    args = [
+        "train.max_steps=1",
+        f"importance.path={theirs}",
+        "importance.recompute=true",
+        "importance.num_examples=16",
+    ]
+    result = run_job(DISTILL, tmp_path / "b", args, nprocs=1)
+    assert theirs.read_bytes() == before
+    mine = read_importance(tmp_path / "b" / "importance.safetensors")[1]
+    assert mine["num_examples"] == "16" and "is an input, left as it is" in result.output
+
+
 def rank_streams(num_examples: int, seed: int, world_size: int) -> list[list[int]]:
     """Epoch 0 of each rank's example stream, written out from the sampler's documented rule: a
     ``random.Random(seed)`` shuffle, rank r taking positions r, r + world, ..."""
@@ -558,6 +576,49 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, straight_run):
     )
     assert [m["step"] for m in read_metrics(out)] == list(range(1, stopped + 1))
 
+    resumed = run_job(DISTILL, out, RESUME, nprocs=2, timeout=JOB_TIMEOUT)
+    assert f"at step {stopped}" in resumed.output
+    check_same_as_straight(out, straight_run)
+
+
+@pytest.mark.slow
+def test_killing_only_the_deepspeed_runner_stops_every_rank_with_a_checkpoint(tmp_path, straight_run):
+    """`kill <pid>` of the `deepspeed` command (SIGTERM to the runner alone, as a person does): the ranks
+    notice their launcher is gone, checkpoint at the next step boundary and exit within 60 s (they used to
+    train on to the end, unseen); the rerun resumes and ends as the straight run."""
+    import psutil
+
+    out = tmp_path / "run"
+    job = start_job(DISTILL, out, RESUME, nprocs=2)
+
+    def ranks():
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if DISTILL in cmdline and f"output_dir={out}" in cmdline and "--local_rank" in cmdline:
+                found.append(proc)
+        return found
+
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        log = out / "metrics.jsonl"
+        while time.monotonic() < deadline and (not log.is_file() or log.read_text().count("\n") < 2):
+            time.sleep(0.05)
+        assert len(ranks()) == 2, "the ranks were not found"
+        job.proc.send_signal(signal.SIGTERM)  # the runner only
+        killed_at = time.monotonic()
+        while ranks() and time.monotonic() - killed_at < 60:
+            time.sleep(0.5)
+        left = ranks()
+    finally:
+        kill_tree(job.proc.pid)
+        for proc in ranks():
+            proc.kill()
+    assert not left, f"ranks still running 60 s after the runner was killed: {[p.pid for p in left]}"
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert (out / "checkpoints" / tag / "flexkd_complete.json").is_file()
+    stopped = int(tag.removeprefix("step"))
+    assert 2 <= stopped < 10, f"checkpoint {tag}: the run ended before the runner was killed"
     resumed = run_job(DISTILL, out, RESUME, nprocs=2, timeout=JOB_TIMEOUT)
     assert f"at step {stopped}" in resumed.output
     check_same_as_straight(out, straight_run)

@@ -286,7 +286,11 @@ class ImportanceConfig:
     """Function-tangent importance of the teacher's units (the score job, or the start of distill)."""
 
     _section = "importance"
-    path: str | None = _opt(None, "Importance file; null = <output_dir>/importance.safetensors.")
+    path: str | None = _opt(
+        None,
+        "Importance file to read (an input, never written: a fresh pass writes <output_dir>/importance.safetensors); "
+        "null = <output_dir>/importance.safetensors.",
+    )
     functional: Literal["sum_logprobs", "label_logprob"] = _opt(
         "sum_logprobs", "F whose tangent is scored: sum_t sum_v log p (paper), or sum_t log p[label]."
     )

@@ -199,7 +199,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         if env.is_main:
             logger.info(summarize(found))
         unit_indices = found.indices.to(env.device)
-        importance_hash = importance.importance_file_hash(cfg.importance.resolved_path(cfg.output_dir))
+        importance_hash = importance.importance_file_hash(found.path)
     if pruned:  # the student starts as the teacher's top units: Flex-KD's pairing is the pruning's identity
         student_dir = existing_pruned(cfg, teacher, found)
         if student_dir is None:

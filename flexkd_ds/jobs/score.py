@@ -167,11 +167,15 @@ def score_hidden(cfg, dataset, env: DistEnv, pad_id: int, weight, bias, hidden_o
 def write_importance(
     cfg: DistillConfig, teacher: ModelSpec, accumulator, d_student: int, env: DistEnv
 ) -> importance.ImportanceFile:
-    """Select the top-d_S units, write the file on rank 0 (atomically), return it on every rank."""
+    """Select the top-d_S units, write ``<output_dir>/importance.safetensors`` on rank 0 (atomically; never
+    the file ``importance.path`` names, which is an input), return it on every rank."""
     scores = accumulator.scores()
     indices = importance.select_units(scores, d_student)
     tail = importance.tail_mass(scores, d_student)
-    path = cfg.importance.resolved_path(cfg.output_dir)
+    path = Path(cfg.output_dir) / "importance.safetensors"  # a job writes only inside its own output_dir
+    given = cfg.importance.resolved_path(cfg.output_dir)
+    if env.is_main and given.resolve() != path.resolve():
+        logger.info("importance.path=%s is an input, left as it is: the new scores go to %s", given, path)
     metadata = importance_metadata(cfg, teacher, accumulator, tail)
     if env.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)

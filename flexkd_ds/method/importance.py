@@ -452,7 +452,8 @@ class ImportanceFile:
         needs = ", ".join(f"{name}={wanted[name]!r}" for name in bad)
         raise ValueError(
             f"importance file {where} was computed for {had} but this run has {needs} "
-            f"(mismatching: {', '.join(bad)}); delete it or set importance.recompute=true"
+            f"(mismatching: {', '.join(bad)}); set importance.recompute=true to score this pair (the new file goes "
+            "to this run's output_dir; this one is left as it is), or point importance.path at a file made for it"
         )
 
 
