@@ -36,6 +36,7 @@ again; an interrupted run starts again from its start). The shared settings: ``b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -71,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--records", default=str(REPO / "docs" / "data" / "compare"),
                    help="one JSON per run (what it measured) and the report; a run with a record is done")  # fmt: skip
     p.add_argument(
-        "--width", type=int, default=288, help="student units of the teacher's 576 (a multiple of 9)"
+        "--width", type=int, default=432, help="student units of the teacher's 576 (a multiple of 9)"
     )
     p.add_argument("--seeds", type=int, default=5, help="training seeds per method at its chosen weight")
     p.add_argument("--nprocs", type=int, default=2, help="ranks per distill run (the batch of 8 is split)")
@@ -151,15 +152,15 @@ def stage_data(out: Path) -> None:
     print(f"data: {len(train)} train / {len(dev)} dev rows -> {out / 'data'}")
 
 
-def student_dir(out: Path) -> Path:
-    return out / "prune" / "pruned_student"
+def student_dir(out: Path, args) -> Path:
+    return out / f"prune-w{args.width}" / "pruned_student"
 
 
 def stage_prune(out: Path, args) -> None:
-    if (student_dir(out) / "prune.json").is_file():
+    if (student_dir(out, args) / "prune.json").is_file():
         return
     cut = ["model.student_init=pruned", f"model.student_arch={{from_teacher: true, hidden_size: {args.width}}}",
-           f"output_dir={out / 'prune'}", f"data.train={out / 'data' / 'train.jsonl'}",
+           f"output_dir={student_dir(out, args).parent}", f"data.train={out / 'data' / 'train.jsonl'}",
            f"data.valid={out / 'data' / 'dev.jsonl'}",
            f"model.teacher={teacher_dir(out)}"]  # fmt: skip
     run(deepspeed("launch/prune.py", cut, args), out / "logs" / "prune.log", args)
@@ -168,7 +169,7 @@ def stage_prune(out: Path, args) -> None:
 def stage_cache(out: Path, args) -> None:
     if (out / "cache" / "COMPLETE").is_file():
         return
-    overrides = [*shared(out), f"output_dir={out / 'cache_job'}", f"model.student={student_dir(out)}"]
+    overrides = [*shared(out), f"output_dir={out / 'cache_job'}", f"model.student={student_dir(out, args)}"]
     run(deepspeed("launch/cache_teacher.py", overrides, args), out / "logs" / "cache.log", args)
 
 
@@ -181,12 +182,23 @@ def record_path(args, name: str) -> Path:
     return Path(args.records) / "runs" / f"{name}.json"
 
 
+def setup_key(args) -> dict:
+    """What makes records comparable: the student's width and the shared settings (the yaml's text)."""
+    return {"width": args.width, "recipe_sha256": hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:16],
+            "rouge_rows": args.rouge_rows, "max_new_tokens": args.max_new_tokens, "nprocs": args.nprocs}  # fmt: skip
+
+
 def load_record(args, name: str) -> dict | None:
+    """The run's record if it was measured in this setup (another setup's record is ignored and replaced)."""
     path = record_path(args, name)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("setup") == setup_key(args) else None
 
 
 def save_record(args, name: str, record: dict) -> None:
+    record = {**record, "setup": setup_key(args)}
     path = record_path(args, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -210,7 +222,7 @@ def train(
     if record is not None and (not need_student or (run_dir / "student" / "config.json").is_file()):
         return name
     losses, key, _ = METHODS[method]
-    overrides = [*shared(out), f"model.student={student_dir(out)}", f"output_dir={run_dir}", f"seed={seed}",
+    overrides = [*shared(out), f"model.student={student_dir(out, args)}", f"output_dir={run_dir}", f"seed={seed}",
                  "train.resume=never", *losses, *EXTRAS.get(extra, [])]  # fmt: skip
     if key is not None:
         overrides.append(f"loss.{key}={weight}")
@@ -306,7 +318,7 @@ def evaluate_reference(out: Path, name: str, source: Path, args) -> None:
 
 def stage_eval(out: Path, args) -> None:
     evaluate_reference(out, "teacher", teacher_dir(out), args)
-    evaluate_reference(out, "cut", student_dir(out), args)  # the common start, untrained
+    evaluate_reference(out, "cut", student_dir(out, args), args)  # the common start, untrained
     chosen = chosen_weights(args)
     for seed in range(1, args.seeds + 1):
         for method, weight in chosen.items():
