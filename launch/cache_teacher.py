@@ -13,11 +13,13 @@ teacher's numbers exactly; bf16: half the disk). Every config key can be overrid
 
 from flexkd_ds.inputs.config import parse_args
 from flexkd_ds.jobs.cache_teacher import run_cache_teacher
+from flexkd_ds.jobs.common import expected_errors
 
 
 def main(argv=None) -> None:
     cfg = parse_args(argv, prog="cache_teacher.py", description=__doc__)
-    run_cache_teacher(cfg)
+    with expected_errors("cache_teacher.py"):
+        run_cache_teacher(cfg)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ Hugging Face format under output_dir. Every config key can be overridden as key=
 """
 
 from flexkd_ds.inputs.config import parse_args
+from flexkd_ds.jobs.common import expected_errors
 from flexkd_ds.jobs.distill import run_distill
 
 
 def main(argv=None) -> None:
     cfg = parse_args(argv, prog="distill.py", description=__doc__)
-    run_distill(cfg)
+    with expected_errors("distill.py"):
+        run_distill(cfg)
 
 
 if __name__ == "__main__":

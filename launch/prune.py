@@ -17,12 +17,14 @@ both files, or pass the dir as model.student.
 """
 
 from flexkd_ds.inputs.config import parse_args
+from flexkd_ds.jobs.common import expected_errors
 from flexkd_ds.jobs.prune import run_prune
 
 
 def main(argv=None) -> None:
     cfg = parse_args(argv, prog="prune.py", description=__doc__)
-    run_prune(cfg)
+    with expected_errors("prune.py"):
+        run_prune(cfg)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import argparse
 
 from flexkd_ds.inputs.config import ConfigError, build_arg_parser, load_config
 from flexkd_ds.jobs.ablate import run_ablate
+from flexkd_ds.jobs.common import expected_errors
 from flexkd_ds.jobs.score import run_score
 
 
@@ -103,23 +104,25 @@ def main(argv=None) -> None:
     if ns.stability and ns.subsets < 2:
         parser.error(f"--subsets {ns.subsets}: stability compares selections, pass --subsets 2 or more")
     if not (ns.ablate or ns.stability):
-        run_score(cfg, compare=ns.compare)
+        with expected_errors("score.py"):
+            run_score(cfg, compare=ns.compare)
         return
     if ns.compare is not None:
         parser.error("--compare belongs to the scoring run; run it without --ablate / --stability")
     if ns.options is not None and ns.eval_data is None:
         parser.error("--options gives the answers of the --eval-data rows: pass --eval-data PATH too")
-    run_ablate(
-        cfg,
-        ablate=ns.ablate,
-        percents=ns.percents,
-        random_draws=ns.random_draws,
-        eval_data=ns.eval_data,
-        max_rows=ns.max_rows,
-        stability=ns.stability,
-        subsets=ns.subsets,
-        options=ns.options,
-    )
+    with expected_errors("score.py"):
+        run_ablate(
+            cfg,
+            ablate=ns.ablate,
+            percents=ns.percents,
+            random_draws=ns.random_draws,
+            eval_data=ns.eval_data,
+            max_rows=ns.max_rows,
+            stability=ns.stability,
+            subsets=ns.subsets,
+            options=ns.options,
+        )
 
 
 if __name__ == "__main__":

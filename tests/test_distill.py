@@ -105,6 +105,37 @@ def test_recompute_never_overwrites_an_importance_file_given_as_input(tmp_path):
     assert mine["num_examples"] == "16" and "is an input, left as it is" in result.output
 
 
+def test_a_rerun_with_another_config_stops_before_writing_and_a_longer_one_continues(tmp_path):
+    """Same output_dir, loss.alpha changed: stopped before anything is written, naming the key and both ways
+    out (it used to train 0 steps, exit 0 and rewrite config.resolved.yaml with the new value). Raising
+    train.max_steps continues from the checkpoint, and each segment's resolved config is kept."""
+    out = tmp_path / "run"
+    run_job(DISTILL, out, ["train.max_steps=2", "importance.num_examples=8"], nprocs=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    changed = run_job(DISTILL, out, ["train.max_steps=2", "importance.num_examples=8", "loss.alpha=0.1"],
+                      nprocs=1, check=False)  # fmt: skip
+    assert changed.returncode != 0 and "loss.alpha: 0.05 -> 0.1" in changed.output, changed.tail()
+    assert "Use a new output_dir, or train.resume=never" in changed.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    longer = run_job(DISTILL, out, ["train.max_steps=3", "importance.num_examples=8"], nprocs=1)
+    assert "at step 2" in longer.output and [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert "max_steps: 2" in (out / "config.resolved.1.yaml").read_text()
+    assert "max_steps: 3" in (out / "config.resolved.yaml").read_text()
+
+
+def test_an_expected_error_on_two_ranks_is_one_line_without_traceback(tmp_path):
+    """A data error on both ranks: the output ends with one 'distill.py: error: ...' line naming the file
+    and the fix, no traceback (it used to print one full traceback per rank), and a non-zero exit."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "Say hi."}) + "\n")  # no output column
+    result = run_job(DISTILL, tmp_path / "o", [f"data.train={rows}", "data.responses=dataset"], nprocs=2,
+                     check=False)  # fmt: skip
+    assert result.returncode != 0
+    errors = [line for line in result.output.splitlines() if "distill.py: error:" in line]
+    assert len(errors) == 1 and str(rows) in errors[0], result.tail()
+    assert "Traceback" not in result.output
+
+
 def rank_streams(num_examples: int, seed: int, world_size: int) -> list[list[int]]:
     """Epoch 0 of each rank's example stream, written out from the sampler's documented rule: a
     ``random.Random(seed)`` shuffle, rank r taking positions r, r + world, ..."""

@@ -109,9 +109,11 @@ def test_teacher_responses_are_its_greedy_answers_reused_and_refused_for_other_s
     assert re.search(rf"reusing {len(rows)} teacher responses from ", again.output), again.tail()
     assert (out / "teacher_responses.jsonl").read_bytes() == before
 
+    # resume=never: past the resume check (which would stop this rerun first, naming data.response_tokens)
     other = run_job(
-        DISTILL, out, [*QUICK, "train.max_steps=4", "data.response_tokens=7"], nprocs=1, check=False
-    )
+        DISTILL, out, [*QUICK, "train.max_steps=4", "data.response_tokens=7", "train.resume=never"], nprocs=1,
+        check=False,
+    )  # fmt: skip
     assert other.returncode != 0 and "max_tokens: file 6, this run 7" in other.output, other.tail()
     assert "Delete it and teacher_responses.json" in other.output
     assert (out / "teacher_responses.jsonl").read_bytes() == before

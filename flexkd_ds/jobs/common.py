@@ -3,8 +3,10 @@ teacher engine, and the importance file (reuse / recompute / refuse)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,3 +248,27 @@ def existing_importance(cfg: DistillConfig, teacher: ModelSpec, d_student: int) 
         functional=cfg.importance.functional,
     )
     return found
+
+
+# Errors a user can fix from the message alone: a config, data, pair or file-contract problem, a missing
+# package. Anything else (a torch RuntimeError, a bug) keeps its traceback.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, ImportError)
+TRACEBACK_ENV = "FLEXKD_TRACEBACK"
+
+
+@contextlib.contextmanager
+def expected_errors(prog: str):
+    """For a launch script's ``main``: an expected error prints one line ``<prog>: error: <message>`` on rank 0
+    (no traceback; ``FLEXKD_TRACEBACK=1`` shows it) and every rank exits non-zero (2 for a config error, else
+    1), so the launcher's output ends with the reason instead of two tracebacks."""
+    from flexkd_ds.inputs.config import ConfigError
+
+    try:
+        yield
+    except EXPECTED_ERRORS as error:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        rank = int(os.environ.get("RANK", "0") or 0)
+        if rank == 0:
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)

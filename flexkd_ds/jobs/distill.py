@@ -8,17 +8,20 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from deepspeed.accelerator import get_accelerator
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from flexkd_ds.inputs import data
-from flexkd_ds.inputs.config import DistillConfig, dump_yaml
+from flexkd_ds.inputs.config import ConfigError, DistillConfig, dump_yaml
 from flexkd_ds.jobs.cache_teacher import cached_teacher, refuse_live_only
 from flexkd_ds.jobs.common import (
     BUILTIN_PROMPTS,
@@ -148,6 +151,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     weights = ObjectiveWeights.from_config(cfg.loss)
     t = cfg.train
 
+    check_resume_config(cfg, out / "checkpoints", env.world_size)  # before anything is loaded or written
     teacher, student, tokenizer = model_specs(cfg)
     check_models(cfg, teacher, student, tokenizer)
     if cfg.model.resolved_student_init == "pruned":
@@ -179,7 +183,7 @@ def run_distill(cfg: DistillConfig) -> Path:
         env.is_main
     ):  # inputs checked: only now write the config (a refused launch leaves output_dir as it was)
         out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.resolved.yaml")
+        keep_resolved_config(cfg, out)
         logger.info("resolved config written to %s", out / "config.resolved.yaml")
 
     unit_indices, importance_hash = None, None
@@ -280,7 +284,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             if agreed[1] > 0:
                 logger.info("preemption signal: checkpointing at step %d and exiting", step)
                 sampler.load_state_dict(sampler_before)
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, t.keep_checkpoints)
+                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
                 return out / "student"
             lr = s_engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
             last = train_step(
@@ -305,13 +309,13 @@ def run_distill(cfg: DistillConfig) -> Path:
                     [(f"train/{k}", v, step) for k, v in last.items() if k != "step"]
                 )
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, t.keep_checkpoints)
+                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
     finally:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
 
-    checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, t.keep_checkpoints)
+    checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
     student_dir = export_student(s_engine, module, tokenizer, out, env)
     if env.is_main:
         terms = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("loss", "lm", "logit", "feature"))
@@ -493,13 +497,73 @@ def trim_metrics(path: Path, start_step: int) -> int:
     return dropped
 
 
-def checkpoint(
-    s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None, keep: int = 0
-) -> None:
+CHECKPOINT_CONFIG = "flexkd_config.yaml"  # inside each checkpoint: the config it was trained with
+# Keys a resumed run may change: when to stop (raising it continues), logging, evaluation and saving cadence.
+RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+                     "train.keep_checkpoints", "train.resume", "deepspeed.tensorboard")  # fmt: skip
+
+
+def checkpoint(s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None, cfg) -> None:
     client_state = {"step": step, "importance_hash": importance_hash, "sampler": sampler.state_dict()}
     rank_state = {"rng": rng_state(), "sampler": sampler.state_dict()}
-    save_checkpoint(s_engine, ckpt_dir, f"step{step:08d}", client_state, rank_state, keep=keep)
+    files = {CHECKPOINT_CONFIG: OmegaConf.to_yaml(cfg.to_dict())}
+    keep = cfg.train.keep_checkpoints
+    save_checkpoint(s_engine, ckpt_dir, f"step{step:08d}", client_state, rank_state, keep, files)
     logger.info("checkpoint step %d saved in %s", step, ckpt_dir)
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_resume_config(cfg: DistillConfig, ckpt_dir: Path, world_size: int) -> None:
+    """Before anything is loaded or written: a ``train.resume=auto`` rerun in the same output_dir continues
+    only when its config differs from the one the checkpoint was trained with in ``RESUMABLE_CHANGES``
+    (``train.max_steps`` not below the checkpoint's step); any other difference stops the run, naming the keys
+    and the two ways out."""
+    if cfg.train.resume != "auto":
+        return
+    tags, _ = resumable_checkpoints(ckpt_dir, world_size)
+    if not tags or not (ckpt_dir / tags[0] / CHECKPOINT_CONFIG).is_file():
+        return
+    saved = _leaves(yaml.safe_load((ckpt_dir / tags[0] / CHECKPOINT_CONFIG).read_text(encoding="utf-8")))
+    now = _leaves(yaml.safe_load(OmegaConf.to_yaml(cfg.to_dict())))
+    differ = sorted(
+        k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES
+    )
+    step = int(tags[0].removeprefix("step"))
+    if differ:
+        lines = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise ConfigError(
+            f"{cfg.output_dir} holds a checkpoint ({tags[0]}) trained with another config ({lines}); resuming "
+            "would mix the two. Use a new output_dir, or train.resume=never to start over in this one (only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change on resume)",
+            differ,
+        )
+    if cfg.train.max_steps < step:
+        raise ConfigError(
+            f"train.max_steps={cfg.train.max_steps} is below the checkpoint's step {step} in {ckpt_dir}: raise it, "
+            "use a new output_dir, or train.resume=never",
+            "train.max_steps",
+        )
+
+
+def keep_resolved_config(cfg: DistillConfig, out: Path) -> Path:
+    """Write ``config.resolved.yaml``; a different one from an earlier run segment is kept beside it as
+    ``config.resolved.<n>.yaml`` (n = 1, 2, ...), so every segment's config stays on record."""
+    path = out / "config.resolved.yaml"
+    if not path.is_file():
+        return dump_yaml(cfg, path)
+    fresh = dump_yaml(cfg, out / ".config.resolved.new.yaml")
+    if fresh.read_text() == path.read_text():
+        fresh.unlink()
+        return path
+    n = 1 + sum(1 for _ in out.glob("config.resolved.*.yaml"))
+    os.replace(path, out / f"config.resolved.{n}.yaml")
+    os.replace(fresh, path)
+    return path
 
 
 def resume(cfg: DistillConfig, s_engine, sampler, ckpt_dir: Path, importance_hash: str | None, env) -> int:

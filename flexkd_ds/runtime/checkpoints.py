@@ -84,12 +84,14 @@ def save_checkpoint(
     client_state: dict,
     rank_state: dict,
     keep: int = 0,
+    files: dict[str, str] | None = None,
 ) -> None:
     """A checkpoint that is complete or never used; collective (every rank calls it).
 
     Each rank writes its extras (``rank_state``: RNG states, sampler position) as ``flexkd_rank{r}.pt`` and
     DeepSpeed its shards, without touching ``latest`` (DeepSpeed would write it from rank 0 before the other
-    ranks finish). After a barrier rank 0 records every file and its size in ``flexkd_complete.json``, then
+    ranks finish). After a barrier rank 0 writes ``files`` (name -> text), records every file and its size in
+    ``flexkd_complete.json``, then
     replaces ``latest`` atomically, then deletes all but the ``keep`` newest complete checkpoints (0: none).
     """
     directory = Path(checkpoint_dir)
@@ -109,6 +111,8 @@ def save_checkpoint(
         time.sleep(delay)
     barrier()
     if rank == 0:
+        for name, text in (files or {}).items():  # e.g. the config the checkpoint was trained with
+            (tag_dir / name).write_text(text, encoding="utf-8")
         write_json_atomic(
             tag_dir / COMPLETE, {"tag": tag, "world_size": world, "files": _file_sizes(tag_dir)}
         )
