@@ -271,7 +271,7 @@ def test_each_bad_row_kind_names_file_and_row(tmp_path, cache, kind):
     path = _write_jsonl_text(tmp_path / f"{kind}.jsonl", [GOOD, "", bad, GOOD])  # line 2 is blank
     with pytest.raises(DataError, match=rf"{kind}\.jsonl, row 3: .*{reason}") as err:
         load_instruction_rows(path, cache_dir=cache)
-    assert "on_bad_row='skip'" in str(err.value)
+    assert "set data.on_bad_row=skip" in str(err.value)
 
 
 def test_bad_csv_and_parquet_rows_are_counted_from_one(tmp_path, cache):
@@ -541,3 +541,11 @@ def test_synthetic_answers_are_correct():
             continue
         checked[task] += 1
     assert all(count >= 10 for count in checked.values()), checked
+
+
+def test_an_unterminated_string_reads_as_one_sentence(tmp_path, cache):
+    """JSON's own message ends in 'starting at': the row error must not say 'starting at at column'."""
+    path = _write_jsonl_text(tmp_path / "cut.jsonl", [GOOD, '{"instruction": "Say hi.", "output": "hi'])
+    with pytest.raises(DataError) as err:
+        load_instruction_rows(path, cache_dir=cache)
+    assert "Unterminated string starting at: column " in str(err.value) and "at at" not in str(err.value)

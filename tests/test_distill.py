@@ -121,6 +121,9 @@ def test_a_rerun_with_another_config_stops_before_writing_and_a_longer_one_conti
     assert "at step 2" in longer.output and [m["step"] for m in read_metrics(out)] == [1, 2, 3]
     assert "max_steps: 2" in (out / "config.resolved.1.yaml").read_text()
     assert "max_steps: 3" in (out / "config.resolved.yaml").read_text()
+    exported = json.loads((out / "student" / "config.json").read_text())  # its own name, not the teacher's
+    assert exported["_model_name_or_path"].startswith("student distilled (flexkd-ds) of random:")
+    assert exported["flexkd_ds"]["steps"] == 3 and exported["flexkd_ds"]["teacher"].startswith("random:")
 
 
 def test_an_expected_error_on_two_ranks_is_one_line_without_traceback(tmp_path):

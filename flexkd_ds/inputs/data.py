@@ -243,7 +243,7 @@ def load_instruction_rows(
                 where = f"{label}, row {row_number}: {bad}"
                 if on_bad_row == "error":
                     raise DataError(
-                        f"{where}. Fix the row or pass on_bad_row='skip' (skips are counted)."
+                        f"{where}. Fix the row or set data.on_bad_row=skip (skipped rows are counted and reported)."
                     ) from None
                 num_bad_here += 1
                 if len(result.bad_examples) < MAX_BAD_EXAMPLES:
@@ -355,7 +355,7 @@ def _python_json_records(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                yield lineno, _BadRow(f"unparseable JSON line ({err.msg} at column {err.colno})")
+                yield lineno, _BadRow(f"unparseable JSON line ({err.msg}: column {err.colno})")
 
 
 def _open_hub(name: str, split: str, cache_dir) -> tuple[str, list[str] | None, Iterator]:

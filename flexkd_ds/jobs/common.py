@@ -272,3 +272,11 @@ def expected_errors(prog: str):
         if rank == 0:
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(error, ConfigError) else 1)
+
+
+def name_student(config, what: str, teacher_name: str, **record) -> None:
+    """Give a written student its own name: a GGUF-derived config carries the teacher's (general.name, as
+    ``_model_name_or_path``), which the student's config.json would otherwise repeat. ``flexkd_ds`` records
+    where it came from."""
+    config._model_name_or_path = f"{what} (flexkd-ds) of {teacher_name}"
+    config.flexkd_ds = {"made_by": f"flexkd_ds {__version__}", "teacher": teacher_name, **record}

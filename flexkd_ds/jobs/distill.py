@@ -28,6 +28,7 @@ from flexkd_ds.jobs.common import (
     check_models,
     existing_importance,
     model_specs,
+    name_student,
     needs_teacher_responses,
     setup_logging,
     teacher_engine,
@@ -316,6 +317,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             metrics_file.close()
 
     checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
+    name_student(module.model.config, "student distilled", teacher.name, steps=step, output_dir=str(out))
     student_dir = export_student(s_engine, module, tokenizer, out, env)
     if env.is_main:
         terms = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("loss", "lm", "logit", "feature"))

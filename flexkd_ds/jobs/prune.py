@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from flexkd_ds import __version__
 from flexkd_ds.inputs import data, models
 from flexkd_ds.inputs.config import DistillConfig
-from flexkd_ds.jobs.common import ModelSpec
+from flexkd_ds.jobs.common import ModelSpec, name_student
 from flexkd_ds.jobs.score import feature_rows, scoring_order
 from flexkd_ds.method import importance, prune
 from flexkd_ds.runtime import sampling
@@ -136,7 +136,7 @@ def prune_student(
     if env.is_main:
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        student.config.name_or_path = f"pruned from {teacher.name}"
+        name_student(student.config, "student pruned", teacher.name, d_student=len(units))
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {
