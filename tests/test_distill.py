@@ -12,9 +12,11 @@ default-suite smoke; the default part of this file (that smoke and the bad-input
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
+import re
 import signal
 import subprocess
 import time
@@ -110,7 +112,15 @@ def test_a_rerun_with_another_config_stops_before_writing_and_a_longer_one_conti
     out (it used to train 0 steps, exit 0 and rewrite config.resolved.yaml with the new value). Raising
     train.max_steps continues from the checkpoint, and each segment's resolved config is kept."""
     out = tmp_path / "run"
-    run_job(DISTILL, out, ["train.max_steps=2", "importance.num_examples=8"], nprocs=1)
+    first = run_job(DISTILL, out, ["train.max_steps=2", "importance.num_examples=8"], nprocs=1)
+    # the end of a run says what it did and where everything is, and draws the curves
+    assert re.search(r"done: steps 1\.\.2 in \d+ s, [\d,]+ response tokens", first.output), first.tail()
+    assert re.search(r"loss terms, first -> last step: loss [\d.]+ -> [\d.]+; lm ", first.output)
+    assert (
+        f"student {out / 'student'}; metrics {out / 'metrics.jsonl'}; plot {out / 'metrics.png'}"
+        in first.output
+    )
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     changed = run_job(DISTILL, out, ["train.max_steps=2", "importance.num_examples=8", "loss.alpha=0.1"],
                       nprocs=1, check=False)  # fmt: skip
@@ -137,6 +147,13 @@ def test_an_expected_error_on_two_ranks_is_one_line_without_traceback(tmp_path):
     errors = [line for line in result.output.splitlines() if "distill.py: error:" in line]
     assert len(errors) == 1 and str(rows) in errors[0], result.tail()
     assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_without_its_package_stops_before_anything_is_written(tmp_path):
+    result = run_job(DISTILL, tmp_path / "o", ["deepspeed.tensorboard=true"], nprocs=1, check=False)
+    assert result.returncode != 0 and "pip install tensorboard" in result.output, result.tail()
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 
 def rank_streams(num_examples: int, seed: int, world_size: int) -> list[list[int]]:

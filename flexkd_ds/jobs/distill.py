@@ -5,6 +5,7 @@ handling, metrics and a Hugging Face export."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from flexkd_ds.evaluation import run_report
 from flexkd_ds.inputs import data
 from flexkd_ds.inputs.config import ConfigError, DistillConfig, dump_yaml
 from flexkd_ds.jobs.cache_teacher import cached_teacher, refuse_live_only
@@ -146,6 +148,7 @@ def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
 def run_distill(cfg: DistillConfig) -> Path:
     """Run the whole distill job; returns the exported student directory."""
     preemption = Preemption.install()  # first: a signal during loading or scoring waits for a safe boundary
+    run_start = time.perf_counter()
     env = init_distributed()
     setup_logging(env)
     out = Path(cfg.output_dir)
@@ -153,6 +156,12 @@ def run_distill(cfg: DistillConfig) -> Path:
     t = cfg.train
 
     check_resume_config(cfg, out / "checkpoints", env.world_size)  # before anything is loaded or written
+    if cfg.deepspeed.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ImportError(
+            "deepspeed.tensorboard=true needs the tensorboard package (DeepSpeed's monitor writes through "
+            "torch.utils.tensorboard): pip install tensorboard, or drop the option (metrics.jsonl and "
+            "metrics.png have the same numbers)"
+        )
     teacher, student, tokenizer = model_specs(cfg)
     check_models(cfg, teacher, student, tokenizer)
     if cfg.model.resolved_student_init == "pruned":
@@ -320,15 +329,20 @@ def run_distill(cfg: DistillConfig) -> Path:
     name_student(module.model.config, "student distilled", teacher.name, steps=step, output_dir=str(out))
     student_dir = export_student(s_engine, module, tokenizer, out, env)
     if env.is_main:
-        terms = ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k in ("loss", "lm", "logit", "feature"))
-        logger.info("done: %d steps; last step %s", step, terms)
+        heldout = None
         if "valid_lm" in last:
             report = heldout_report(
                 cfg, len(valid_set), student_valid_start, last["valid_lm"], teacher_valid, start_step
             )
-            logger.info(report["text"])
+            heldout = report["text"]
             (out / "heldout.json").write_text(json.dumps(report["numbers"], indent=1) + "\n")
-        logger.info("student (Hugging Face format): %s", student_dir)
+        rows = [r for r in run_report.read_metrics(out / "metrics.jsonl") if r["step"] > start_step]
+        plot = run_report.plot_metrics(run_report.read_metrics(out / "metrics.jsonl"), out / "metrics.png")
+        lines = run_report.summary_lines(
+            rows, time.perf_counter() - run_start, student_dir, out / "metrics.jsonl", plot, heldout
+        )
+        for line in lines:
+            logger.info(line)
     return student_dir
 
 
