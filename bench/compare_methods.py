@@ -206,6 +206,17 @@ def save_record(args, name: str, record: dict) -> None:
     tmp.replace(path)
 
 
+_STUDENT_SHA: dict[str, str] = {}
+
+
+def student_sha256(out: Path, args) -> str:
+    """The cut's weights, hashed once per process: records from other sessions can be checked to share it."""
+    path = student_dir(out, args) / "model.safetensors"
+    if str(path) not in _STUDENT_SHA:
+        _STUDENT_SHA[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return _STUDENT_SHA[str(path)]
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2] if ordered else float("nan")
@@ -234,7 +245,7 @@ def train(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [(0, held["student_start"])] + [(r["step"], r["valid_lm"]) for r in rows if "valid_lm" in r]
     step_s = _median([(r["teacher_ms"] + r["student_ms"]) / 1e3 for r in rows])
-    fresh = {"name": name, "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None,
+    fresh = {"name": name, "student_sha256": student_sha256(out, args), "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None,
              "overrides": [o.replace(str(out), "<out>") for o in overrides], "dev_curve": curve,
              "last_step": rows[-1], "median_step_s": step_s, "wall_s": round(time.time() - start, 1)}  # fmt: skip
     if record is not None and "eval" in record:  # trained again for its student: the measurements stand
