@@ -387,6 +387,11 @@ def stage_report(args) -> str:
                 selection.append({"method": method, "weight": key and f"{key}={w:g}", "curve": record["dev_curve"],
                                   "step_s": record["median_step_s"], "chosen": bool(chosen and chosen[method] == w)})  # fmt: skip
     result["selection"] = selection
+    records = [json.loads(f.read_text()) for f in sorted((where / "runs").glob("*.json"))]
+    cuts = sorted({r["student_sha256"] for r in records if r.get("student_sha256")})
+    if len(cuts) > 1:
+        lines += [f"**Warning: the records come from {len(cuts)} different cuts ({', '.join(cuts)}): the "
+                  "prune stage was not reproduced exactly; compare runs of one cut only.**", ""]  # fmt: skip
     lines += ["## Weight selection (seed 1, dev split of 100 rows, response NLL)", "",
               "| method | weight | dev NLL at step 0 | final dev NLL | median step s | chosen |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
