@@ -156,6 +156,25 @@ def test_tensorboard_without_its_package_stops_before_anything_is_written(tmp_pa
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_gets_every_logged_step_of_metrics_jsonl(tmp_path):
+    """deepspeed.tensorboard=true: DeepSpeed's monitor writes train/<term> scalars at each step, with the
+    values of metrics.jsonl (read back with TensorBoard's own event reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "o"
+    run_job(DISTILL, out, ["train.max_steps=3", "importance.num_examples=8", "deepspeed.tensorboard=true"],
+            nprocs=1)  # fmt: skip
+    (events,) = (out / "tensorboard").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    metrics = read_metrics(out)
+    for term in ("loss", "lm", "logit", "feature"):
+        scalars = acc.Scalars(f"train/{term}")
+        assert [e.step for e in scalars] == [m["step"] for m in metrics]
+        assert [e.value for e in scalars] == pytest.approx([m[term] for m in metrics], rel=1e-6)
+
+
 def rank_streams(num_examples: int, seed: int, world_size: int) -> list[list[int]]:
     """Epoch 0 of each rank's example stream, written out from the sampler's documented rule: a
     ``random.Random(seed)`` shuffle, rank r taking positions r, r + world, ..."""

@@ -419,7 +419,9 @@ class DeepSpeedOptions:
     teacher_config: str = _opt("ds_configs/teacher_zero3.json", "Teacher: ZeRO-3 inference, no optimizer.")
     student_config: str = _opt("ds_configs/student_zero2.json", "Student: ZeRO stage 1, 2 or 3.")
     tensorboard: bool = _opt(
-        False, "DeepSpeed TensorBoard monitor for the student (<output_dir>/tensorboard)."
+        False,
+        "DeepSpeed TensorBoard monitor: train/<term> scalars per step in <output_dir>/tensorboard (pip install "
+        "tensorboard; in the dev extras).",
     )
 
     def __post_init__(self) -> None:
