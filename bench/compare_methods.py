@@ -16,7 +16,8 @@ again; an interrupted run starts again from its start). The shared settings: ``b
            its LM head alone from the safetensors.
 2. prune   ``launch/prune.py`` cuts the student (``--width`` units of 576, the yaml's ``prune.num_layers``
            layers) from SmolLM2-135M-Instruct: the one initialisation every method and seed starts from.
-3. cache   ``launch/cache_teacher.py`` writes the teacher's LM-head inputs for the train rows (fp32, exact).
+3. cache   ``launch/cache_teacher.py`` writes the teacher's LM-head inputs for the train rows (the teacher in
+           bf16, as every run computes in bf16; stored in fp32).
 4. select  seed 1, each method x weight of its grid (the paper's value included):
              sft (no weight), fkl / rkl (beta: 0.5 1 2), projector / cka / flexkd + rkl (alpha: 0.005 0.05 0.5);
            ``launch/distill.py`` with ``model.student`` = the cut, ``teacher_cache.dir`` = the cache, a dev
@@ -112,7 +113,7 @@ def deepspeed(script: str, overrides: list[str], args) -> list[str]:
 
 def shared(out: Path) -> list[str]:
     return [f"model.teacher={teacher_dir(out)}", f"data.train={out / 'data' / 'train.jsonl'}",
-            f"data.valid={out / 'data' / 'dev.jsonl'}", f"teacher_cache.dir={out / 'cache'}"]  # fmt: skip
+            f"data.valid={out / 'data' / 'dev.jsonl'}", f"teacher_cache.dir={out / 'cache-bf16'}"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -167,7 +168,7 @@ def stage_prune(out: Path, args) -> None:
 
 
 def stage_cache(out: Path, args) -> None:
-    if (out / "cache" / "COMPLETE").is_file():
+    if (out / "cache-bf16" / "COMPLETE").is_file():
         return
     overrides = [*shared(out), f"output_dir={out / 'cache_job'}", f"model.student={student_dir(out, args)}"]
     run(deepspeed("launch/cache_teacher.py", overrides, args), out / "logs" / "cache.log", args)
@@ -286,7 +287,7 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     first ``--rouge-rows`` rows of each. Returns {set: {greedy, sample, sample_per_seed, nll}} plus "Avg"."""
     data = [f"--data={s}={DATA / f}" for s, f in TEST_SETS.items()]
     common = [sys.executable, "launch/evaluate.py", f"--model={name}={source}", *data, "--no-progress",
-              "--max-length=512", "--batch-size=16"]  # fmt: skip
+              "--max-length=512", "--batch-size=16", "--dtype=bf16"]  # fmt: skip
     nll_dir, rouge_dir = out / "eval" / name / "nll", out / "eval" / name / "rouge"
     if not (nll_dir / "results.json").is_file():
         run([*common, f"--out={nll_dir}", "--metrics", "nll"], out / "logs" / f"eval-{name}-nll.log", args)
