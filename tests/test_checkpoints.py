@@ -72,3 +72,11 @@ def test_another_world_size_is_named(two):
 def test_latest_plays_no_part_in_choosing(two):
     (two / "latest").write_text("")  # truncated by a crash: the newest complete checkpoint is still found
     assert ck.resumable_checkpoints(two, 1)[0] == ["step00000004", "step00000002"]
+
+
+def test_a_resume_with_another_world_size_is_refused_not_restarted(two):
+    """The newest complete checkpoint was written by 1 rank: a 2-rank resume must stop with the reason (it
+    would otherwise find no usable checkpoint, start from step 0 and train over this run)."""
+    problem = ck.world_size_mismatch(two, 2)
+    assert "written by 1 ranks, this job has 2" in problem
+    assert ck.world_size_mismatch(two, 1) is None

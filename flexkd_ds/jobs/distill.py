@@ -51,6 +51,7 @@ from flexkd_ds.runtime.checkpoints import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    world_size_mismatch,
 )
 from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier, init_distributed
 from flexkd_ds.runtime.engines import (
@@ -593,6 +594,9 @@ def resume(cfg: DistillConfig, s_engine, sampler, ckpt_dir: Path, importance_has
         return 0
     if mode == "auto":
         directory = ckpt_dir
+        mismatch = world_size_mismatch(directory, env.world_size)
+        if mismatch is not None:
+            raise ValueError(mismatch)
         tags, skipped = resumable_checkpoints(directory, env.world_size)
         for line in skipped:
             logger.warning("checkpoint %s; falling back to an older one", line)

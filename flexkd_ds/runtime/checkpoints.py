@@ -127,6 +127,15 @@ def save_checkpoint(
     barrier()
 
 
+def world_size_mismatch(checkpoint_dir: str | os.PathLike, world_size: int) -> str | None:
+    """The problem of the newest complete checkpoint when it was written by another number of ranks (a
+    resume must not fall back past it and train over it from scratch), else None."""
+    for tag in checkpoint_tags(checkpoint_dir):
+        if checkpoint_problem(checkpoint_dir, tag) is None:
+            return checkpoint_problem(checkpoint_dir, tag, world_size)
+    return None
+
+
 def resumable_checkpoints(checkpoint_dir: str | os.PathLike, world_size: int) -> tuple[list[str], list[str]]:
     """(complete tags to try, newest first; one line per newer checkpoint that cannot be used and why)."""
     usable, skipped = [], []
