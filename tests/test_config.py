@@ -314,7 +314,7 @@ def test_valid_combinations(overrides):
 def test_config_help_lists_every_field():
     text = C.config_help()
     keys = leaf_keys()
-    assert len(keys) == 74  # 2 top-level + 9 + 16 + 13 + 6 + 5 + 3 + 17 + 3
+    assert len(keys) == 75  # 2 top-level + 9 + 17 + 13 + 6 + 5 + 3 + 17 + 3
     for key in keys:
         assert f"  {key}: " in text, key
     assert "train.max_steps: int = 24  (>= 1)" in text
@@ -501,10 +501,12 @@ def test_student_init_resolves_and_a_pretrained_student_displaces_its_default():
     )
 
 
-def test_a_config_with_its_own_data_gets_dataset_responses_and_no_generated_heldout_set(tmp_path):
-    """The quickstart's teacher-written responses and held-out prompts are defaults for builtin:prompts only."""
+def test_a_config_with_its_own_data_gets_dataset_responses_and_a_holdout_of_it(tmp_path):
+    """The quickstart's teacher-written responses and held-out prompts are defaults for builtin:prompts only;
+    one's own dataset gets validation on by default: a held-out slice of it (data.valid=holdout)."""
     cfg = load_config(None, ["data.train=mine.jsonl"])
-    assert (cfg.data.responses, cfg.data.valid) == ("dataset", None)
+    assert (cfg.data.responses, cfg.data.valid, cfg.data.valid_holdout) == ("dataset", "holdout", 64)
+    assert load_config(None, ["data.train=mine.jsonl", "data.valid=null"]).data.valid is None
     cfg = load_config(None, ["data.train=mine.jsonl", "data.responses=teacher", "data.valid=v.jsonl"])
     assert (cfg.data.responses, cfg.data.valid) == ("teacher", "v.jsonl")
     recipe = tmp_path / "r.yaml"

@@ -848,3 +848,19 @@ def test_bad_inputs_fail_clearly_and_keep_existing_files(tmp_path):
         if problems:
             failures.append(f"{name}: {'; '.join(problems)}\n{result.tail(2500)}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_own_data_holds_out_a_validation_slice_by_default(tmp_path):
+    """data.train = one's own file, no data.valid: 64 of its 700 rows are held out (the teacher cache, which
+    indexes what is trained on, holds 636 examples) and the run ends with their NLL before and after."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"instruction": f"Count to {i % 9 + 1}.", "output": " ".join(
+        str(k) for k in range(1, i % 9 + 2))}) + "\n" for i in range(700)))  # fmt: skip
+    out = tmp_path / "o"
+    result = run_job(DISTILL, out, [f"data.train={rows}", "train.max_steps=1", "importance.num_examples=8",
+                                    f"teacher_cache.dir={tmp_path / 'cache'}"], nprocs=1)  # fmt: skip
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["num_examples"] == 636
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["rows"] == 64 and heldout["student_end"] < heldout["student_start"] + 1.0
+    assert "64 of 700 rows" in result.output and "never trained on" in result.output

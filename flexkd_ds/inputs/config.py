@@ -171,8 +171,13 @@ class DataConfig:
     valid: str | None = _opt(
         "builtin:prompts",
         "Held-out data (same forms as data.train; builtin:prompts = 24 generated prompts not trained on, "
-        "answered by the teacher): the student's response NLL before and after training and the teacher's are "
-        "printed at the end and written to heldout.json; null = none. Another data.train makes the default null.",
+        "answered by the teacher; holdout = data.valid_holdout rows of data.train, chosen by the seed and not "
+        "trained on): the student's response NLL before and after training and the teacher's are printed at the "
+        "end and written to heldout.json; null = none. Another data.train makes the default holdout (a "
+        "builtin:* data.train: null).",
+    )
+    valid_holdout: int = _opt(
+        64, "data.valid=holdout: rows held out of data.train (only when it has at least 10x as many).", ge=1
     )
     valid_split: str = _opt("validation", "Split of data.valid.")
     num_synthetic: int = _opt(144, "Examples that builtin:synthetic or builtin:prompts generates.", ge=1)
@@ -669,7 +674,8 @@ def _displace_quickstart_defaults(cfg, given: Mapping[str, str]) -> None:
 
     - a pretrained model.student, or a model.student_arch that is not just {from_teacher, hidden_size}
       (a random student's sizes): model.student_init = auto (pretrained / random);
-    - another data.train: data.responses = dataset and data.valid = null.
+    - another data.train: data.responses = dataset, and data.valid = holdout (a seeded slice of it) for a file
+      or hub dataset, null for a builtin:* one.
     """
 
     def says(key: str) -> bool:
@@ -686,8 +692,9 @@ def _displace_quickstart_defaults(cfg, given: Mapping[str, str]) -> None:
     if says("data.train") and OmegaConf.select(cfg, "data.train") != _schema().data.train:
         if not says("data.responses"):
             OmegaConf.update(cfg, "data.responses", "dataset")
-        if not says("data.valid"):
-            OmegaConf.update(cfg, "data.valid", None)
+        if not says("data.valid"):  # validation on where the data allows it: a slice of one's own data
+            own = not str(OmegaConf.select(cfg, "data.train")).startswith("builtin:")
+            OmegaConf.update(cfg, "data.valid", "holdout" if own else None)
 
 
 def _compose(layers: Sequence[tuple[str, Any, str]], fallback: str = "") -> DistillConfig:

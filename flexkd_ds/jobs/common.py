@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 import os
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ logger = logging.getLogger("flexkd_ds")
 BUILTIN_SYNTHETIC = "builtin:synthetic"
 BUILTIN_PROMPTS = "builtin:prompts"
 HELDOUT_PROMPTS = 24  # data.valid=builtin:prompts: generated prompts that are not among the training prompts
+HOLDOUT = "holdout"  # data.valid=holdout: data.valid_holdout rows of data.train, not trained on
 
 
 def setup_logging(env: DistEnv) -> None:
@@ -179,8 +181,15 @@ def train_dataset(
     source, split = (
         (cfg.data.valid, cfg.data.valid_split) if valid else (cfg.data.train, cfg.data.train_split)
     )
+    holdout = cfg.data.valid == HOLDOUT
+    if valid and holdout:
+        source, split = cfg.data.train, cfg.data.train_split
     with main_first(env):
-        rows = load_rows(cfg, source, split, None if valid else cfg.data.max_train_rows, valid=valid)
+        rows = load_rows(
+            cfg, source, split, cfg.data.max_train_rows if holdout or not valid else None, valid=valid
+        )
+    if holdout:
+        rows = holdout_split(cfg, list(rows), valid)
     if needs_teacher_responses(cfg, valid):
         from flexkd_ds.jobs.responses import teacher_responses
 
@@ -199,6 +208,26 @@ def train_dataset(
             eager=True,
             show_progress=env.is_main,
         )
+
+
+def holdout_split(cfg: DistillConfig, rows: list, valid: bool) -> list:
+    """``data.valid=holdout``: ``data.valid_holdout`` rows of the training rows, chosen by a ``cfg.seed``
+    shuffle, are the validation set and are not trained on; with fewer than 10x as many rows nothing is held
+    out (and the validation set is empty)."""
+    n = cfg.data.valid_holdout
+    if len(rows) < 10 * n:
+        if not valid:
+            logger.info(
+                "data.valid=holdout: %d training rows are too few to hold out %d; no validation", len(rows), n
+            )
+        return [] if valid else rows
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    held = set(order[:n])
+    if not valid:
+        logger.info("data.valid=holdout: %d of %d rows of %s held out for validation (not trained on)",
+                    n, len(rows), cfg.data.train)  # fmt: skip
+    return [row for i, row in enumerate(rows) if (i in held) == valid]
 
 
 def teacher_engine(cfg: DistillConfig, teacher: ModelSpec, env: DistEnv, micro_batch_size: int):

@@ -27,6 +27,7 @@ from flexkd_ds.inputs.config import ConfigError, DistillConfig, dump_yaml
 from flexkd_ds.jobs.cache_teacher import cached_teacher, refuse_live_only
 from flexkd_ds.jobs.common import (
     BUILTIN_PROMPTS,
+    HOLDOUT,
     check_models,
     existing_importance,
     model_specs,
@@ -190,6 +191,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     valid_set = None
     if cfg.data.valid:
         valid_set = train_dataset(cfg, tokenizer, env, valid=True, engine=t_engine, teacher_name=teacher.name)
+        valid_set = valid_set if len(valid_set) else None  # data.valid=holdout on too small a training set
     if (
         env.is_main
     ):  # inputs checked: only now write the config (a refused launch leaves output_dir as it was)
@@ -352,6 +354,8 @@ def heldout_report(cfg, rows: int, start, end, teacher, start_step: int) -> dict
     numbers = {"data": cfg.data.valid, "rows": rows, "student_start": start, "student_end": end,
                "teacher": teacher, "steps": cfg.train.max_steps, "resumed_from_step": start_step or None}  # fmt: skip
     where = f"held-out {cfg.data.valid} ({rows} rows)"
+    if cfg.data.valid == HOLDOUT:
+        where = f"held-out rows of {cfg.data.train} ({rows} rows, never trained on)"
     if cfg.data.valid == BUILTIN_PROMPTS:
         where += ", prompts never trained on, answered by the teacher"
     parts = [f"student {start:.3f} -> {end:.3f}" if start is not None else f"student {end:.3f}"]
