@@ -43,6 +43,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -218,11 +219,6 @@ def student_sha256(out: Path, args) -> str:
     return _STUDENT_SHA[str(path)]
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if ordered else float("nan")
-
-
 def train(
     out: Path, method: str, weight, seed: int, args, extra: str = "", need_student: bool = False
 ) -> str:
@@ -245,7 +241,7 @@ def train(
     held = json.loads((run_dir / "heldout.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [(0, held["student_start"])] + [(r["step"], r["valid_lm"]) for r in rows if "valid_lm" in r]
-    step_s = _median([(r["teacher_ms"] + r["student_ms"]) / 1e3 for r in rows])
+    step_s = statistics.median([(r["teacher_ms"] + r["student_ms"]) / 1e3 for r in rows])
     fresh = {"name": name, "student_sha256": student_sha256(out, args), "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None,
              "overrides": [o.replace(str(out), "<out>") for o in overrides], "dev_curve": curve,
              "last_step": rows[-1], "median_step_s": step_s, "wall_s": round(time.time() - start, 1)}  # fmt: skip

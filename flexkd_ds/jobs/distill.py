@@ -288,7 +288,11 @@ def run_distill(cfg: DistillConfig) -> Path:
             micro_batches = [micro_batch(dataset, sampler.next_indices(t.micro_batch_size), pad_id, env)
                              for _ in range(t.grad_accum)]  # fmt: skip
             local_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
-            local_rows = sum(int(feature_rows(b, cfg.loss.feature_tokens).sum()) for b in micro_batches)
+            local_rows = (  # the projector term's normaliser; the other terms do not need it
+                sum(int(feature_rows(b, cfg.loss.feature_tokens).sum()) for b in micro_batches)
+                if weights.feature_loss == "projector"
+                else 0
+            )
             agreed = all_reduce_sum(
                 torch.tensor(
                     [float(local_tokens), float(preemption.requested), float(local_rows)], device=env.device
