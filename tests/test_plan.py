@@ -170,7 +170,22 @@ def test_llama_plan_on_8_gpus_matches_numbers_written_out():
     assert mem["step: student activations (for backward)"] == approx(
         512 * (24 * per_layer_token + 2 * 2 * 2048)
     )
-    assert mem["step: logits + loss buffers (B, T, V)"] == approx(512 * 32000 * (3 * 2 + 6 * 4))
+    # loss.fused_logits (default): one chunk of 512 rows (2^24 / 32000 -> 512) x V, 8 fp32 + 2 bf16 buffers; the
+    # student's (B*T, d_S) hidden-row gradient and its fp32 head gradient (V x d_S); the teacher's head whole
+    assert mem["step: chunked logit loss (one chunk x V)"] == approx(
+        512 * 32000 * (8 * 4 + 2 * 2) + 512 * 2048 * 4 + 32000 * 2048 * 4
+    )
+    assert mem["teacher LM head (whole; chunked logit loss)"] == approx(32000 * 4096 * 2)
+    unfused = P.plan(load_config(LLAMA, ["loss.fused_logits=false"]), nodes=1, gpus_per_node=8, gpu_mem_gib=80)
+    assert unfused.memory_gib["step: logits + loss buffers (B, T, V)"] * GIB == approx(512 * 32000 * (3 * 2 + 6 * 4))
+    # the teacher placement: ZeRO-3 all-gathers the non-persistent teacher once per micro-batch (7/8 arrives)
+    place = report.teacher_placement
+    assert place["zero3"]["gathered_gib_per_step"] * GIB == approx((psi_t - persistent_t) * 2 * 7 / 8)
+    assert place["replicated"]["gathered_gib_per_step"] == 0.0
+    assert place["replicated"]["required_gib"] - place["zero3"]["required_gib"] == pytest.approx(
+        (psi_t * 2 - (psi_t - persistent_t) * 2 / n - persistent_t * 2 - (32000 * 4096 + 50_000_000) * 2) / GIB
+    )
+    assert place["recommended"] == "replicated"  # 13.5 GB of bf16 teacher fits an 80 GiB GPU beside the student
     tot = report.totals_gib
     assert tot["reserve"] == pytest.approx(0.1 * 80 + 1.5)
     assert tot["model_states"] + max(tot["training_step"], tot["importance_pass"]) == pytest.approx(
@@ -345,7 +360,8 @@ def test_pruned_student_is_planned_at_its_cut_shape_and_the_passes_before_traini
 # ------------------------------------------------------------------------------- teacher cache mode
 TEACHER_TERMS = ("teacher parameter shard", "teacher persistent tensors (whole)",
                  "teacher gathered module + prefetch", "step: teacher forward (no grad)",
-                 "importance: teacher forward", "importance: LM head copy + fp32 upcast")  # fmt: skip
+                 "importance: teacher forward (head skipped)", "importance: LM head copy + fp32 upcast",
+                 "teacher LM head (whole; chunked logit loss)")  # fmt: skip
 
 
 def test_teacher_cache_plan_matches_numbers_written_out():
@@ -366,7 +382,7 @@ def test_teacher_cache_plan_matches_numbers_written_out():
     assert mem["importance: closed-form chunk"] == min(4096, 4 * 512) * 32000 * 4
     for key, value in live.memory_gib.items():  # the student's lines do not change
         if key.startswith("student") or key in ("step: student activations (for backward)",
-                                                "step: logits + loss buffers (B, T, V)", "step: feature-loss buffers"):  # fmt: skip
+                                                "step: chunked logit loss (one chunk x V)", "step: feature-loss buffers"):  # fmt: skip
             assert report.memory_gib[key] == value, key
     saved = live.totals_gib["required"] - report.totals_gib["required"]
     assert saved >= live.memory_gib["teacher parameter shard"] > 1.5  # (6.74e9 - 65 x 4096) x 2 / 8 bytes
@@ -377,10 +393,11 @@ def test_teacher_cache_plan_matches_numbers_written_out():
     assert cache["examples"] is None and cache["max_tokens"] is None  # a JSONL file: unknown without the data
     assert cache["head_gib"] * GIB == 32000 * 4096 * 2
     # the build: the teacher engine alone (ZeRO-3 shard, persistent norms, gathers) + a forward at batch 4
+    # whose LM head is skipped (the cache holds h; no logits are formed)
     persistent_t, psi_t = 65 * 4096, 6_738_415_616
     per_token = 2 * (4 * 4096 + 2 * 4096) + 2 * (2 * 4096 + 4 * 11008) + 2 * (4096 + 4096)
     build = ((psi_t - persistent_t) * 2 / 8 + persistent_t * 2 + (32000 * 4096 + 50_000_000) * 2
-             + 4 * 512 * per_token + 4 * 512 * 32000 * 2 + (0.1 * 80 + 1.5) * GIB)  # fmt: skip
+             + 4 * 512 * per_token + (0.1 * 80 + 1.5) * GIB)  # fmt: skip
     assert cache["build_required_gib"] * GIB == pytest.approx(build, rel=1e-9)
     assert cache["head_load_cpu_per_node_gib"] * GIB == 8 * psi_t * 2
     text = P.format_report(report)

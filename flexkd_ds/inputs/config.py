@@ -259,6 +259,11 @@ class LossConfig:
     impl: Literal["auto", "torch", "triton"] = _opt(
         "auto", "Correlation kernel; auto = triton on GPU, else torch."
     )
+    fused_logits: bool = _opt(
+        True,
+        "Compute the LM and logit terms chunk by chunk from the LM-head inputs and the heads, never holding a "
+        "(tokens x vocabulary) tensor (same values and gradients; false = the plain logits path).",
+    )
     unit_pairing: Literal["auto", "pruning", "importance"] = _opt(
         "auto",
         "flexkd: the teacher unit paired with student unit m. pruning = the unit it was cut from (a pruned "
@@ -388,6 +393,12 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear", "cosine"] = _opt("cosine", "Decay after warmup.")
     min_lr_ratio: float = _opt(0.0, "Final lr / train.lr (linear, cosine).", ge=0, le=1)
     grad_clip: float = _opt(1.0, "Gradient-norm clipping (DeepSpeed gradient_clipping); 0 = off.", ge=0)
+    teacher_per_step: bool = _opt(
+        False,
+        "Live teacher with grad_accum > 1: one teacher forward over all micro-batches of the step (one ZeRO-3 "
+        "all-gather of the teacher per step instead of one per micro-batch; holds the step's teacher hidden "
+        "states and the teacher's LM head). Same values up to rounding.",
+    )
     log_every: int = _opt(1, "Write a metrics.jsonl line every this many steps.", ge=1)
     save_every: int = _opt(0, "Checkpoint every this many steps; 0 = only at the end.", ge=0)
     keep_checkpoints: int = _opt(

@@ -39,7 +39,7 @@ from flexkd_ds.jobs.common import (
 from flexkd_ds.jobs.score import teacher_head
 from flexkd_ds.runtime import sampling
 from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier, init_distributed
-from flexkd_ds.runtime.engines import HeadInput, deepspeed_dict, engine_dtype
+from flexkd_ds.runtime.engines import HeadInput, deepspeed_dict, engine_dtype, head_skipped
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -156,7 +156,7 @@ def build_cache(cfg: DistillConfig, engine, fields: dict, dataset, env: DistEnv,
         for positions in slot_batches(env.rank, slot):
             examples = [None if p is None else dataset[p] for p in positions]
             batch = {k: v.to(env.device) for k, v in data.collate(examples, pad_id).items()}
-            with torch.no_grad():
+            with torch.no_grad(), head_skipped(engine.module):  # the cache holds h: no (B, T, V) logits
                 engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             hidden = capture.pop()  # (B, T, d_T)
             bar.update(1)
@@ -195,10 +195,15 @@ class CachedTeacher:
         return self.cache.batch_hidden(example_ids, width, dtype=self.dtype, device=self.device)
 
     def __call__(self, example_ids, width: int, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, hidden); ``rows`` (B, width) bool: the logits at those positions only, (1, R, V)."""
+        """(logits, hidden); ``rows``: the logits at those positions only, (1, R, V); (R,) flat row-major
+        indices or a (B, width) bool mask."""
         hidden = self.hidden(example_ids, width)
         with torch.no_grad():
-            return (self.head(hidden) if rows is None else self.head(hidden[rows])[None]), hidden
+            if rows is None:
+                return self.head(hidden), hidden
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            picked = flat[rows.reshape(-1)] if rows.dtype == torch.bool else flat.index_select(0, rows)
+            return self.head(picked)[None], hidden
 
     def head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.head.weight.detach(), getattr(self.head, "bias", None)

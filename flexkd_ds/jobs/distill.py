@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
-from torch import nn
 from tqdm.auto import tqdm
 
 from flexkd_ds.evaluation import run_report
@@ -38,10 +36,27 @@ from flexkd_ds.jobs.common import (
     train_dataset,
 )
 from flexkd_ds.jobs.prune import check_prune_request, cut_units, existing_pruned, prune_student, pruned_spec
-from flexkd_ds.jobs.score import feature_rows, score_hidden, score_teacher, summarize, write_importance
+from flexkd_ds.jobs.score import (
+    score_hidden,
+    score_teacher,
+    summarize,
+    teacher_head,
+    write_importance,
+)
+from flexkd_ds.jobs.step import (
+    DistillStudent,
+    Teacher,
+    fusable,
+    micro_batch,
+    step_metrics,
+    student_nll,
+    teacher_nll,
+    train_step,
+    validation_nll_sums,
+)
 from flexkd_ds.method import importance
-from flexkd_ds.method.losses import Projector, lm_loss
-from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
+from flexkd_ds.method.losses import Projector, check_unit_indices
+from flexkd_ds.method.objective import ObjectiveWeights
 from flexkd_ds.runtime import sampling
 from flexkd_ds.runtime.checkpoints import (
     checkpoint_problem,
@@ -66,43 +81,6 @@ from flexkd_ds.runtime.engines import (
 from flexkd_ds.runtime.preemption import Preemption, stops_cleanly
 
 logger = logging.getLogger("flexkd_ds")
-
-
-class DistillStudent(nn.Module):
-    """The student's engine module: the causal LM and, for the projector baseline, its projector, so both
-    are optimised, sharded and checkpointed together. ``forward`` returns (logits, last hidden, projected)."""
-
-    def __init__(self, model: nn.Module, projector: nn.Module | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.projector = projector
-        self._head_input = HeadInput(model)
-
-    def forward(self, input_ids, attention_mask, logit_rows=None):
-        """``logit_rows`` (B, T) bool: the logits only at those positions, (1, R, V) in row-major order (the
-        only ones the LM and logit terms read: ``labels != -100``), so no (B, T, V) tensor is formed; the
-        hidden state is whole. None: (B, T, V) logits."""
-        if logit_rows is None or not head_is_last(self.model):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            hidden = self._head_input.pop()  # (B, T, d_S)
-            if logit_rows is not None:
-                logits = logits[logit_rows][None]
-        else:
-            base = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            hidden = base.last_hidden_state  # the LM-head input (tests/test_distill.py checks it is)
-            logits = self.model.get_output_embeddings()(hidden[logit_rows])[None]
-            self._head_input.pop()  # the hook saw hidden[logit_rows]; the feature terms read all of hidden
-        projected = self.projector(hidden) if self.projector is not None else None  # (B, T, d_T)
-        return logits, hidden, projected
-
-
-def head_is_last(model) -> bool:
-    """True when the logits are the LM head's output as is (no soft-capping or scaling after it), so they
-    can be formed from the base model's last hidden state at chosen rows only."""
-    config = getattr(model, "config", None)
-    return all(
-        getattr(config, name, None) in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale")
-    )
 
 
 def lr_multiplier(train_cfg):
@@ -235,15 +213,28 @@ def run_distill(cfg: DistillConfig) -> Path:
             "pairing": how, "student": student.name, "teacher": teacher.name,
             "units": unit_indices.tolist(), "note": "student unit m is paired with teacher unit units[m]",
         }, indent=1))  # fmt: skip
+    if unit_indices is not None:  # checked once here, not on every step (each check is a host sync)
+        check_unit_indices(unit_indices, teacher.width, student.width)
+    fused = fused_logits_choice(cfg, weights, teacher, t_engine, cached)
+    live = Teacher(engine=t_engine, capture=HeadInput(t_engine.module)) if t_engine is not None else Teacher()
+    per_step = t.teacher_per_step and t.grad_accum > 1 and weights.uses_logit and t_engine is not None
+    if (fused or per_step) and t_engine is not None:
+        live.head = teacher_head(t_engine)  # held whole on every rank, like the cache's head
     teacher_valid = None
     if (
         valid_set is not None and t_engine is not None
     ):  # the reference the student's held-out NLL is read against
-        teacher_valid = validation_loss(_teacher_logits(t_engine), valid_set, env, pad_id, t.micro_batch_size)
+        teacher_valid = validation_nll_sums(
+            teacher_nll(live, fused), valid_set, env, pad_id, t.micro_batch_size
+        )
     elif valid_set is not None and cached is not None:
         logger.info("teacher cache: the teacher's held-out NLL (a reference only) is not measured")
     if not (weights.uses_feature or weights.uses_logit):
         t_engine = None  # only the pruning / the responses / the reference needed it
+        live.capture.remove() if live.capture is not None else None
+        live = Teacher()
+    if cached is not None:
+        live = Teacher(cached=cached, head=cached.head_weight_and_bias() if fused else None)
 
     s_ds = student_ds_dict(cfg, env, out)
     with sharded_init(s_ds, enabled=student.source is not None):  # random init: built whole, same weights
@@ -255,6 +246,10 @@ def run_distill(cfg: DistillConfig) -> Path:
                 projector = Projector(student.width, teacher.width)
     module = DistillStudent(s_model, projector)
     module.train()
+    if fused and (reason := fusable(s_model)) is not None:
+        logger.info("loss.fused_logits: the student's logits are formed whole: %s", reason)
+        fused = False
+        live.head = live.head if per_step else None
 
     def optimizer_factory(params):
         fused = {"fused": True} if env.device.type == "cuda" else {}
@@ -270,15 +265,14 @@ def run_distill(cfg: DistillConfig) -> Path:
     start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash, env)
     student_valid_start = None
     if valid_set is not None and start_step == 0:
-        student_valid_start = validation_loss(
-            _student_logits(s_engine), valid_set, env, pad_id, t.micro_batch_size
+        student_valid_start = validation_nll_sums(
+            student_nll(s_engine, weights, fused), valid_set, env, pad_id, t.micro_batch_size
         )
 
     if env.is_main:
         trim_metrics(out / "metrics.jsonl", start_step)
     metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
     bar = tqdm(total=t.max_steps, initial=start_step, desc="distill", disable=not env.is_main, unit="step")
-    capture = HeadInput(t_engine.module) if t_engine is not None else None
     last = {}
     step = start_step
     try:
@@ -287,12 +281,8 @@ def run_distill(cfg: DistillConfig) -> Path:
             sampler_before = sampler.state_dict()
             micro_batches = [micro_batch(dataset, sampler.next_indices(t.micro_batch_size), pad_id, env)
                              for _ in range(t.grad_accum)]  # fmt: skip
-            local_tokens = sum(int(b["loss_mask"].sum()) for b in micro_batches)
-            local_rows = (  # the projector term's normaliser; the other terms do not need it
-                sum(int(feature_rows(b, cfg.loss.feature_tokens).sum()) for b in micro_batches)
-                if weights.feature_loss == "projector"
-                else 0
-            )
+            local_tokens = sum(b["counts_host"]["tokens"] for b in micro_batches)  # counted on the host
+            local_rows = sum(b["counts_host"][cfg.loss.feature_tokens] for b in micro_batches)
             agreed = all_reduce_sum(
                 torch.tensor(
                     [float(local_tokens), float(preemption.requested), float(local_rows)], device=env.device
@@ -304,27 +294,28 @@ def run_distill(cfg: DistillConfig) -> Path:
                 checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
                 return out / "student"
             lr = s_engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside the step)
-            last = train_step(
-                cfg, weights, t_engine, capture, s_engine, micro_batches, float(agreed[0]), unit_indices, env,
-                global_rows=float(agreed[2]),
-                cached=cached,
+            evaluating = valid_set is not None and (
+                step + 1 == t.max_steps or (t.eval_every and (step + 1) % t.eval_every == 0)
+            )
+            logging_step = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps or evaluating
+            raw = train_step(
+                cfg, weights, live, s_engine, micro_batches, float(agreed[0]), unit_indices, env,
+                global_rows=float(agreed[2]), fused=fused, timed=logging_step,
+                pad_id=pad_id if t.teacher_per_step else None,
             )  # fmt: skip
             step += 1
-            last.update(step=step, lr=lr)
-            if valid_set is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0)):
-                last["valid_lm"] = validation_loss(
-                    _student_logits(s_engine), valid_set, env, pad_id, t.micro_batch_size
+            valid_lm = None
+            if evaluating:
+                valid_lm = validation_nll_sums(
+                    student_nll(s_engine, weights, fused), valid_set, env, pad_id, t.micro_batch_size
                 )
-            if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
             if env.is_main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if s_engine.monitor.enabled if hasattr(s_engine, "monitor") else False:
-                s_engine.monitor.write_events(
-                    [(f"train/{k}", v, step) for k, v in last.items() if k != "step"]
-                )
+            if logging_step:  # otherwise the step's numbers stay on the device: no host sync
+                last = {**step_metrics(raw), "step": step, "lr": lr}
+                if valid_lm is not None:
+                    last["valid_lm"] = valid_lm
+                write_metrics(last, metrics_file, bar, s_engine, step)
             if t.save_every and step % t.save_every == 0 and step < t.max_steps:
                 checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
     finally:
@@ -369,133 +360,26 @@ def heldout_report(cfg, rows: int, start, end, teacher, start_step: int) -> dict
     return {"text": text, "numbers": numbers}
 
 
-def micro_batch(dataset, example_ids: list[int], pad_id: int, env: DistEnv) -> dict[str, torch.Tensor]:
-    """``data.collate`` of the examples, on the device, with their ``example_ids`` (B,) (the cache's keys)."""
-    batch = data.collate([dataset[i] for i in example_ids], pad_id)
-    batch["example_ids"] = torch.tensor(example_ids, dtype=torch.long)
-    return {k: v.to(env.device) for k, v in batch.items()}
+def fused_logits_choice(cfg: DistillConfig, weights: ObjectiveWeights, teacher, t_engine, cached) -> bool:
+    """Whether the LM and logit terms run chunked (``loss.fused_logits``); says why when they cannot."""
+    if not cfg.loss.fused_logits or not (weights.uses_logit or weights.uses_lm):
+        return False
+    if weights.uses_logit and t_engine is not None and cached is None:
+        reason = fusable(t_engine.module)
+        if reason is not None:
+            logger.info("loss.fused_logits: the logits are formed whole: the teacher %s", reason)
+            return False
+    return True
 
 
-def train_step(
-    cfg,
-    weights,
-    t_engine,
-    capture,
-    s_engine,
-    micro_batches,
-    global_tokens,
-    unit_indices,
-    env,
-    cached=None,
-    global_rows=None,
-) -> dict:
-    """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics (same on all ranks).
-    The teacher is ``t_engine`` (live) or ``cached`` (a ``jobs.cache_teacher.CachedTeacher``)."""
-    accelerator = get_accelerator()
-    teacher_s = student_s = 0.0
-    sums = torch.zeros(5, dtype=torch.float64)  # lm, logit, projector, feature value, micro-batches
-    for batch in micro_batches:
-        teacher_logits = teacher_hidden = None
-        rows = batch["labels"] != -100  # the LM and logit terms read the logits here only: (1, R, V)
-        if t_engine is not None:
-            start = time.perf_counter()
-            with torch.no_grad():
-                teacher_logits = t_engine(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                ).logits[rows][None]
-            teacher_hidden = capture.pop()
-            accelerator.synchronize()
-            teacher_s += time.perf_counter() - start
-        elif cached is not None:
-            start = time.perf_counter()
-            teacher_logits, teacher_hidden = cached(
-                batch["example_ids"].tolist(), batch["input_ids"].shape[1], rows=rows
-            )
-            teacher_s += time.perf_counter() - start
-        start = time.perf_counter()
-        student_logits, student_hidden, projected = s_engine(
-            batch["input_ids"], batch["attention_mask"], logit_rows=rows
-        )
-        terms = micro_objective(
-            weights,
-            student_logits=student_logits,
-            teacher_logits=teacher_logits,
-            student_hidden=student_hidden,
-            teacher_hidden=teacher_hidden,
-            projected_hidden=projected,
-            labels=batch["labels"][rows][None],
-            feature_mask=feature_rows(batch, cfg.loss.feature_tokens),
-            unit_indices=unit_indices,
-            global_tokens=global_tokens,
-            global_feature_rows=global_rows,
-            grad_accum=cfg.train.grad_accum,
-            world_size=env.world_size,
-            all_reduce=all_reduce_sum,
-        )
-        s_engine.backward(terms.loss)
-        s_engine.step()
-        accelerator.synchronize()
-        student_s += time.perf_counter() - start
-        sums += torch.tensor(
-            [terms.lm_sum, terms.logit_sum, terms.projector_sum, terms.feature_value, 1.0],
-            dtype=torch.float64,
-        )
-    totals = all_reduce_sum(sums.to(env.device)).cpu()
-    lm, logit = (totals[:2] / global_tokens).tolist()
-    proj = float(totals[2] / global_rows) if global_rows else 0.0  # mean over the feature rows
-    feature = float(totals[3] / totals[4])
-    if weights.feature_loss == "projector":
-        feature = proj
-    loss = (
-        weights.lm_weight * lm * weights.uses_lm
-        + weights.beta * logit * weights.uses_logit
-        + weights.alpha * feature * weights.uses_feature
-    )
-    elapsed = teacher_s + student_s
-    return {
-        "loss": loss,
-        "lm": lm,
-        "logit": logit,
-        "feature": feature,
-        "tokens": int(global_tokens),
-        "tokens_per_s": global_tokens / max(elapsed, 1e-9),
-        "teacher_ms": 1000 * teacher_s,
-        "student_ms": 1000 * student_s,
-        "grad_norm": float(s_engine.get_global_grad_norm() or 0.0),
-    }
-
-
-def _student_logits(s_engine):
-    def forward(input_ids, attention_mask):
-        s_engine.eval()
-        try:
-            return s_engine(input_ids, attention_mask)[0]
-        finally:
-            s_engine.train()
-
-    return forward
-
-
-def _teacher_logits(t_engine):
-    return lambda input_ids, attention_mask: (
-        t_engine(input_ids=input_ids, attention_mask=attention_mask).logits
-    )
-
-
-def validation_loss(forward, valid_set, env: DistEnv, pad_id: int, batch_size: int) -> float:
-    """LM loss (mean NLL per response token) of ``forward(input_ids, attention_mask) -> logits`` on the
-    validation set, sharded over ranks; every rank runs the same number of forwards (padded batches), as
-    ZeRO-3 requires."""
-    totals = torch.zeros(2, dtype=torch.float64, device=env.device)
-    with torch.no_grad():
-        for positions in sampling.shard_for_scoring(len(valid_set), env.rank, env.world_size, batch_size):
-            batch = data.collate([None if p is None else valid_set[p] for p in positions], pad_id)
-            batch = {k: v.to(env.device) for k, v in batch.items()}
-            logits = forward(batch["input_ids"], batch["attention_mask"])
-            totals[0] += float(lm_loss(logits, batch["labels"], reduction="sum"))
-            totals[1] += float(batch["loss_mask"].sum())
-    totals = all_reduce_sum(totals)
-    return float(totals[0] / totals[1].clamp_min(1))
+def write_metrics(last: dict, metrics_file, bar, s_engine, step: int) -> None:
+    """One logging step's numbers: a metrics.jsonl line (rank 0), the progress bar, DeepSpeed's monitor."""
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(last) + "\n")
+        metrics_file.flush()
+    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+    if s_engine.monitor.enabled if hasattr(s_engine, "monitor") else False:
+        s_engine.monitor.write_events([(f"train/{k}", v, step) for k, v in last.items() if k != "step"])
 
 
 def trim_metrics(path: Path, start_step: int) -> int:

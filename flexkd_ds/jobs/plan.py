@@ -33,6 +33,7 @@ SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LARGE_GGUF_PARAMS = 1_000_000_000
 EXIT_FITS, EXIT_INVALID, EXIT_DOES_NOT_FIT = 0, 1, 2
 TEACHER_OFFLOAD, STUDENT_ZERO3 = "ds_configs/teacher_zero3_offload.json", "ds_configs/student_zero3.json"
+TEACHER_ZERO3, TEACHER_REPLICATED = "ds_configs/teacher_zero3.json", "ds_configs/teacher_replicated.json"
 STUDENT_OFFLOAD = "ds_configs/student_zero3_offload.json"
 MAX_EXTRA_NODES = 256
 GENERATED_TRAIN = ("builtin:synthetic", "builtin:prompts")  # data.num_synthetic examples, known without data
@@ -275,6 +276,9 @@ class PlanReport:
     suggestions: list[dict] = field(default_factory=list)
     before_training: list[str] = field(default_factory=list)  # what the prune / response passes need
     teacher_cache: dict = field(default_factory=dict)  # teacher_cache.dir in use: its disk size, the head
+    teacher_placement: dict = field(
+        default_factory=dict
+    )  # ZeRO-3 vs replicated: memory, bytes gathered, advice
 
     @property
     def world(self) -> int:
@@ -315,6 +319,7 @@ class _Planner:
             importance_batch=imp.batch_size, chunk_tokens=imp.chunk_tokens,
             needs_teacher=loss.feature_loss != "none" or (loss.logit_loss != "none" and loss.beta > 0),
             importance_pass=loss.feature_loss == "flexkd", cached_teacher=self.cached,
+            fused_logits=loss.fused_logits,
         )  # fmt: skip
         t_zero = self.zero(sc.teacher_ds, "deepspeed.teacher_config")
         s_zero = self.zero(sc.student_ds, "deepspeed.student_config")
@@ -445,8 +450,33 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
                 f"GiB per GPU: build it with deepspeed.teacher_config={TEACHER_OFFLOAD}, a smaller "
                 "importance.batch_size or more GPUs (launch/cache_teacher.py)"
             )
+    elif planner.estimate(base).gpu.keys() & {
+        "teacher parameter shard",
+        "teacher parameters (whole, ZeRO stage < 3)",
+    }:
+        report.teacher_placement = teacher_placement(planner, base, t, cfg.train.grad_accum)
     report.before_training = before_training(cfg, t, s, t_zero, gpu_mem_gib, report.teacher_cache)
     return report
+
+
+def teacher_placement(planner: _Planner, base: Scenario, t: ModelShape, grad_accum: int) -> dict:
+    """The live teacher sharded (ZeRO-3) or whole on every GPU (replicated): required GiB per GPU and the
+    bytes each GPU receives in all-gathers per optimizer step (the whole non-persistent teacher once per
+    micro-batch under ZeRO-3; none replicated), and which to use: replicated when it fits (no gathers), else
+    ZeRO-3."""
+    options = {}
+    for name, path in (("zero3", TEACHER_ZERO3), ("replicated", TEACHER_REPLICATED)):
+        sc = dataclasses.replace(base, teacher_ds=path)
+        zero = planner.zero(path, "deepspeed.teacher_config")
+        world = sc.nodes * planner.g
+        gathered = 0.0
+        if zero.stage == 3:
+            persistent = t.persistent_params(zero.persistence_threshold)
+            gathered = grad_accum * (t.params - persistent) * zero.param_bytes * (world - 1) / world
+        options[name] = {"config": path, "required_gib": planner.required(planner.estimate(sc)) / GIB,
+                         "fits": planner.fits(sc), "gathered_gib_per_step": gathered / GIB}  # fmt: skip
+    pick = "replicated" if options["replicated"]["fits"] else "zero3"
+    return {**options, "recommended": pick, "current": base.teacher_ds}
 
 
 def correlation_sequences(cfg: DistillConfig, world: int) -> int | None:
@@ -507,9 +537,7 @@ def cache_storage(cfg: DistillConfig, t: ModelShape, t_zero: ZeroSetup, world: i
     build = memory.MemoryEstimate()  # launch/cache_teacher.py: the teacher's engine alone, no student
     memory.teacher_states(t, t_zero, world, gpus_per_node, build)
     bi, seq = cfg.importance.batch_size, cfg.data.max_length
-    build.gpu["cache build: teacher forward + logits"] = (
-        memory.teacher_forward_bytes(t, bi, seq, tb) + bi * seq * t.vocab_size * tb
-    )
+    build.gpu["cache build: teacher forward (head skipped)"] = memory.teacher_forward_bytes(t, bi, seq, tb)
     return {
         "dir": cfg.teacher_cache.dir,
         "dtype": cfg.teacher_cache.dtype,
@@ -648,6 +676,15 @@ def format_report(report: PlanReport, title: str = "") -> str:
         if report.cpu_per_node_gib:
             lines += ["", f"  {'CPU RAM per node':<58} {'GiB':>8}"]
             lines += [f"  {k:<58} {v:>8.2f}" for k, v in report.cpu_per_node_gib.items()]
+        if report.teacher_placement:
+            lines += ["", "  teacher placement (deepspeed.teacher_config):"]
+            place = report.teacher_placement
+            for name in ("zero3", "replicated"):
+                o = place[name]
+                mark = " <- recommended" if place["recommended"] == name else ""
+                lines.append(f"  - {name:<10} {o['required_gib']:>7.2f} GiB per GPU "
+                             f"({'fits' if o['fits'] else 'does not fit'}), all-gathers "
+                             f"{o['gathered_gib_per_step']:.2f} GiB per GPU per step  {o['config']}{mark}")  # fmt: skip
         if report.before_training:
             lines += ["", "  before training:"] + [f"  - {line}" for line in report.before_training]
     lines.append("")

@@ -19,7 +19,7 @@ from flexkd_ds.jobs.common import ModelSpec, importance_metadata
 from flexkd_ds.method import importance
 from flexkd_ds.runtime import sampling
 from flexkd_ds.runtime.dist import DistEnv, all_gather_objects, all_reduce_sum, barrier
-from flexkd_ds.runtime.engines import HeadInput, gathered
+from flexkd_ds.runtime.engines import HeadInput, gathered, head_skipped
 from flexkd_ds.runtime.preemption import Preempted, Preemption, stops_cleanly
 
 logger = logging.getLogger("flexkd_ds")
@@ -67,7 +67,8 @@ def score_teacher(
     with HeadInput(engine.module) as capture:  # removed after scoring: the teacher keeps no hook
 
         def hidden_of(batch, positions):
-            with torch.no_grad():
+            # the closed form reads the LM-head input only: the head is skipped, no (B, T, V) logits
+            with torch.no_grad(), head_skipped(engine.module):
                 engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             return capture.pop()
 
@@ -114,7 +115,10 @@ def score_hidden(cfg, dataset, env: DistEnv, pad_id: int, weight, bias, hidden_o
     order = scoring_order(cfg, len(dataset))
     num_examples = len(order)
     batches = sampling.shard_for_scoring(num_examples, env.rank, env.world_size, icfg.batch_size)
-    weight, bias = weight.to(env.device), None if bias is None else bias.to(env.device)
+    # upcast once for the whole pass (tangent_scores computes in float32, float64 for float64 input)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    weight = weight.to(env.device, acc)
+    bias = None if bias is None else bias.to(env.device, acc)
     accumulator = importance.ImportanceAccumulator(weight.shape[1])
     key = _partial_key(cfg, env, num_examples, weight.shape[1])
     first = _resume_point(cfg, env, key, accumulator)

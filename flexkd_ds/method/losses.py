@@ -51,14 +51,41 @@ def _check_paired_shapes(teacher_hidden: Tensor, student_hidden: Tensor) -> None
 
 
 def check_correlation_inputs(
-    teacher_hidden: Tensor, student_hidden: Tensor, unit_indices: Tensor, valid_mask: Tensor | None
+    teacher_hidden: Tensor,
+    student_hidden: Tensor,
+    unit_indices: Tensor,
+    valid_mask: Tensor | None,
+    *,
+    units_checked: bool = False,
 ) -> None:
     """Raise ``ValueError`` naming the problem when the correlation inputs do not fit together.
 
     Shared by the torch reference and the Triton path so both refuse exactly the same inputs.
+    ``units_checked=True``: ``unit_indices`` already passed ``check_unit_indices`` for these widths (the
+    trainer checks its fixed selection once), so the range and duplicate checks, host syncs on a GPU, are
+    skipped; the shapes are still checked.
     """
     _check_paired_shapes(teacher_hidden, student_hidden)
     d_teacher, d_student = teacher_hidden.shape[-1], student_hidden.shape[-1]
+    if units_checked:
+        if unit_indices.dim() != 1 or unit_indices.numel() != d_student:
+            raise ValueError(
+                f"unit_indices has shape {tuple(unit_indices.shape)}; it must be ({d_student},), one per student unit"
+            )
+    else:
+        check_unit_indices(unit_indices, d_teacher, d_student)
+    if valid_mask is not None:
+        if valid_mask.shape != teacher_hidden.shape[:-1]:
+            raise ValueError(
+                f"valid_mask {tuple(valid_mask.shape)} must have the shape of the hidden states without "
+                f"their last dimension, {tuple(teacher_hidden.shape[:-1])}"
+            )
+        if valid_mask.dtype != torch.bool:
+            raise ValueError(f"valid_mask must be a bool tensor; got {valid_mask.dtype}")
+
+
+def check_unit_indices(unit_indices: Tensor, d_teacher: int, d_student: int) -> None:
+    """``ValueError`` unless ``unit_indices`` is a 1-D integer tensor of d_S distinct units in [0, d_T)."""
     if unit_indices.dim() != 1 or unit_indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"unit_indices must be a 1-D integer tensor; got shape {tuple(unit_indices.shape)} "
@@ -76,14 +103,6 @@ def check_correlation_inputs(
             )
         if torch.unique(unit_indices).numel() != unit_indices.numel():
             raise ValueError("unit_indices contains duplicate teacher units; each unit may be selected once")
-    if valid_mask is not None:
-        if valid_mask.shape != teacher_hidden.shape[:-1]:
-            raise ValueError(
-                f"valid_mask {tuple(valid_mask.shape)} must have the shape of the hidden states without "
-                f"their last dimension, {tuple(teacher_hidden.shape[:-1])}"
-            )
-        if valid_mask.dtype != torch.bool:
-            raise ValueError(f"valid_mask must be a bool tensor; got {valid_mask.dtype}")
 
 
 def accumulation_dtype(tensor: Tensor) -> torch.dtype:
@@ -167,13 +186,16 @@ def combine_moments(moments: Tensor, all_reduce: AllReduce | None = None) -> Ten
     return torch.stack([count, merged_mean_t, merged_mean_s, second[0], second[1], second[2]])
 
 
-def correlation_from_moments(moments: Tensor, *, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def correlation_from_moments(
+    moments: Tensor, *, eps: float = 1e-6, check_rows: bool = True
+) -> tuple[Tensor, Tensor]:
     """Loss ``sum_m (1 - C_m)^2`` and the per-unit correlations ``C`` (d_S,) from (6, d_S) moments.
 
-    Raises ``ValueError`` when fewer than 2 rows were counted.
+    Raises ``ValueError`` when fewer than 2 rows were counted; ``check_rows=False`` skips that check (it reads
+    the count on the host, a sync on a GPU): fewer than 2 rows then give C = 0 for every unit, no gradient.
     """
     moments = moments.to(accumulation_dtype(moments))
-    num_rows = float(moments[_N, 0].detach())
+    num_rows = float(moments[_N, 0].detach()) if check_rows else 2.0
     if num_rows < 2:
         raise ValueError(
             f"the correlation loss needs at least 2 valid rows (tokens) to centre over; got {int(num_rows)}"

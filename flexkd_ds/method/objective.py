@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from flexkd_ds.method import losses, ops
+from flexkd_ds.method.fused_logits import FusedLogitTerms
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -66,47 +67,54 @@ class ObjectiveWeights:
 
 @dataclass
 class MicroTerms:
-    """One micro-batch's contribution. ``loss`` is what to hand to ``engine.backward``; the rest is for logs:
-    token sums (divide their all-reduced totals by the global token count) and batch-term values."""
+    """One micro-batch's contribution. ``loss`` is what to hand to ``engine.backward``; the rest is for logs,
+    detached scalars left on the device (reading them is a host sync): token sums (divide their all-reduced
+    totals by the global token count) and batch-term values."""
 
     loss: Tensor
-    logit_sum: float = 0.0
-    lm_sum: float = 0.0
-    projector_sum: float = 0.0
-    feature_value: float = 0.0  # correlation or 1 - CKA of this micro-batch (already global for global scope)
+    logit_sum: Tensor
+    lm_sum: Tensor
+    projector_sum: Tensor
+    feature_value: Tensor  # correlation or 1 - CKA of this micro-batch (already global for global scope)
 
 
 def micro_objective(
     weights: ObjectiveWeights,
     *,
-    student_logits: Tensor,  # (B, T, V)
-    teacher_logits: Tensor | None,  # (B, T, V) or None when no logit term
+    student_logits: Tensor | None,  # (B, T, V), or None with fused_terms
+    teacher_logits: Tensor | None,  # (B, T, V) or None when no logit term (or with fused_terms)
     student_hidden: Tensor,  # (B, T, d_S)
     teacher_hidden: Tensor | None,  # (B, T, d_T) or None when no feature term
     projected_hidden: Tensor | None,  # (B, T, d_T) projector(student_hidden) for the projector baseline
     labels: Tensor,  # (B, T) shifted targets, -100 where no loss
     feature_mask: Tensor,  # (B, T) bool rows of the feature loss
     unit_indices: Tensor | None,  # (d_S,) for flexkd
+    fused_terms: FusedLogitTerms | None = None,  # the LM and logit terms, already computed chunk by chunk
     global_tokens: float,
     global_feature_rows: float
     | None = None,  # valid (label) tokens of the whole step, all micro-batches and ranks
     grad_accum: int,
     world_size: int,
     all_reduce: AllReduce | None = None,
+    units_checked: bool = False,  # unit_indices passed losses.check_unit_indices once (no per-call host syncs)
 ) -> MicroTerms:
     """The backward-ready loss of one micro-batch on one rank, normalised by the rule in the module doc."""
     if global_tokens <= 0:
         raise ValueError("the global batch has no valid (response) token; check the data and max_length")
-    loss_mask = labels != -100
     scale = grad_accum * world_size  # undoes DeepSpeed's 1/grad_accum and mean over ranks
-    token_terms = student_logits.new_zeros((), dtype=torch.float32)
-    terms = MicroTerms(loss=token_terms)
+    token_terms = student_hidden.new_zeros((), dtype=torch.float32)
+    zero = token_terms.detach()
+    terms = MicroTerms(loss=token_terms, logit_sum=zero, lm_sum=zero, projector_sum=zero, feature_value=zero)
 
-    if weights.uses_lm:
+    if fused_terms is not None:  # beta * logit sum + lm_weight * LM sum, with the gradient
+        token_terms = token_terms + fused_terms.loss
+        terms.lm_sum, terms.logit_sum = fused_terms.lm_sum, fused_terms.divergence_sum
+    if weights.uses_lm and fused_terms is None:
         lm_sum = losses.lm_loss(student_logits, labels, reduction="sum")
         token_terms = token_terms + weights.lm_weight * lm_sum
-        terms.lm_sum = float(lm_sum.detach())
-    if weights.uses_logit:
+        terms.lm_sum = lm_sum.detach()
+    if weights.uses_logit and fused_terms is None:
+        loss_mask = labels != -100
         logit_sum = losses.logit_divergence(
             student_logits,
             teacher_logits,
@@ -118,7 +126,7 @@ def micro_objective(
             reduction="sum",
         )
         token_terms = token_terms + weights.beta * logit_sum
-        terms.logit_sum = float(logit_sum.detach())
+        terms.logit_sum = logit_sum.detach()
 
     batch_term = token_terms.new_zeros(())
     if weights.uses_feature:
@@ -129,7 +137,7 @@ def micro_objective(
             if not global_feature_rows:
                 raise ValueError("the projector term needs global_feature_rows (all ranks' feature rows)")
             batch_term = weights.alpha * proj_sum / global_feature_rows  # a mean over all feature rows
-            terms.projector_sum = float(proj_sum.detach())
+            terms.projector_sum = proj_sum.detach()
         else:
             value, batch_weight = _batch_feature_term(
                 weights,
@@ -140,9 +148,10 @@ def micro_objective(
                 all_reduce,
                 grad_accum,
                 world_size,
+                units_checked,
             )
             batch_term = weights.alpha * value * batch_weight
-            terms.feature_value = float(value.detach())
+            terms.feature_value = value.detach()
 
     terms.loss = scale * (token_terms / global_tokens + batch_term)
     return terms
@@ -157,6 +166,7 @@ def _batch_feature_term(
     all_reduce: AllReduce | None,
     grad_accum: int,
     world_size: int,
+    units_checked: bool = False,
 ) -> tuple[Tensor, float]:
     """(value, weight): the step objective holds ``weight * value`` summed over micro-batches and ranks."""
     if weights.feature_loss == "flexkd":
@@ -169,6 +179,8 @@ def _batch_feature_term(
             eps=weights.correlation_eps,
             all_reduce=all_reduce if is_global else None,
             impl=weights.impl,
+            units_checked=units_checked,
+            check_rows=not units_checked,
         )
         if is_global:
             # Same value on every rank and each rank back-propagates its own rows' share. DeepSpeed averages

@@ -135,14 +135,22 @@ def correlation_loss(
     eps: float = 1e-6,
     all_reduce: AllReduce | None = None,
     impl: str = "auto",
+    units_checked: bool = False,
+    check_rows: bool = True,
 ) -> Tensor:
     """Flex-KD correlation loss ``sum_m (1 - C_m)^2``: ``losses.correlation_loss`` with a choice of ``impl``.
+
+    ``units_checked`` / ``check_rows`` (the trainer: its selection is checked once, before training) skip the
+    checks that read device values on the host; see ``losses.check_correlation_inputs`` and
+    ``losses.correlation_from_moments``.
 
     Same arguments, errors and result as ``losses.correlation_loss`` (see there); ``impl`` is resolved by
     ``resolve_impl`` from the two hidden states. The inputs are checked once, before dispatch, so both paths
     raise the same ``ValueError`` for bad inputs.
     """
-    losses.check_correlation_inputs(teacher_hidden, student_hidden, unit_indices, valid_mask)
+    losses.check_correlation_inputs(
+        teacher_hidden, student_hidden, unit_indices, valid_mask, units_checked=units_checked
+    )
     impl = resolve_impl(impl, student_hidden, teacher_hidden)
     if impl == "torch":
         moments = losses.correlation_moments(teacher_hidden, student_hidden, unit_indices, valid_mask)
@@ -152,5 +160,5 @@ def correlation_loss(
         )
     if all_reduce is not None:
         moments = losses.combine_moments(moments, all_reduce)
-    loss, _ = losses.correlation_from_moments(moments, eps=eps)
+    loss, _ = losses.correlation_from_moments(moments, eps=eps, check_rows=check_rows)
     return loss

@@ -6,7 +6,9 @@ Two engines live side by side:
 - the teacher, a ZeRO-3 *inference* engine (no optimizer, frozen, eval) with its own DeepSpeed config, so a
   7B teacher is sharded over all ranks whatever ZeRO stage the student uses. Its weights load sharded: an
   ``HfDeepSpeedConfig`` is kept alive while ``from_pretrained`` runs, so transformers builds the model under
-  ``zero.Init`` and no rank ever holds the whole teacher;
+  ``zero.Init`` and no rank ever holds the whole teacher. Or, with a stage-0 config
+  (``ds_configs/teacher_replicated.json``), the teacher whole on every rank: no all-gather per forward, for
+  a teacher that fits beside the student (the planner prints both costs);
 - the student, a training engine at ZeRO stage 0-3 (optimizer, LR schedule, clipping, accumulation).
 
 ZeRO-3 all-gathers are collective: every rank must call the teacher the same number of times in the same
@@ -21,6 +23,7 @@ from collections.abc import Callable, Iterator
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import Tensor, nn
 
 from flexkd_ds.runtime.dist import device_type
@@ -62,6 +65,23 @@ def engine_dtype(ds_dict: dict) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- engines
 
 
+@contextlib.contextmanager
+def call_head(head: nn.Module, replacement) -> Iterator[None]:
+    """While active, ``head(x)`` runs ``replacement(head, x)`` instead of its own forward. The module's hooks
+    still run around it: ZeRO-3 gathers the head's parameters before and releases them after, and
+    ``HeadInput`` captures ``x``."""
+    head.forward = lambda x, *args, **kwargs: replacement(head, x)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def head_skipped(model: nn.Module):
+    """A forward whose logits nobody reads: the LM head returns a (..., 0) view instead of (..., V) logits."""
+    return call_head(model.get_output_embeddings(), lambda head, x: x[..., :0])
+
+
 class HeadInput:
     """Captures the input of a model's LM head on every forward: ``hidden_states[-1]`` (B, T, d).
 
@@ -100,18 +120,39 @@ class HeadInput:
         self.remove()
 
 
-def build_teacher_engine(load_model: Callable[[], nn.Module], ds_dict: dict, *, sharded: bool = True):
-    """A frozen ZeRO-3 inference engine around the teacher.
+class ReplicatedTeacher:
+    """The teacher whole on every rank (``ds_configs/teacher_replicated.json``, ZeRO stage 0): no partitioning,
+    so no all-gather per forward. Called like the ZeRO-3 engine; ``module`` is the model."""
 
-    ``load_model`` is called while an ``HfDeepSpeedConfig`` for ``ds_dict`` is alive, so
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def build_teacher_engine(load_model: Callable[[], nn.Module], ds_dict: dict, *, sharded: bool = True):
+    """A frozen inference engine around the teacher: ZeRO-3 (partitioned, the default) or replicated.
+
+    ZeRO-3: ``load_model`` is called while an ``HfDeepSpeedConfig`` for ``ds_dict`` is alive, so
     ``from_pretrained`` / ``from_config`` partition the weights as they load (GGUF files are the
     exception: transformers materialises them on every rank first; ``deepspeed.initialize`` then shards).
     ``sharded=False`` (random init, see ``sharded_init``) builds the model whole; ``initialize`` shards it.
+    Stage 0: the model is loaded whole on every rank, in the config's precision, on this rank's device
+    (``ReplicatedTeacher``); a teacher that fits on each GPU then costs no all-gather per micro-batch.
     """
-    if zero_stage(ds_dict) != 3:
+    stage = zero_stage(ds_dict)
+    if stage == 0:
+        model = load_model()
+        model.requires_grad_(False)
+        model.eval()
+        device = torch.device(get_accelerator().current_device_name())
+        return ReplicatedTeacher(model.to(device=device, dtype=engine_dtype(ds_dict)))
+    if stage != 3:
         raise ValueError(
-            f"the teacher runs as a ZeRO-3 inference engine; its DeepSpeed config has stage {zero_stage(ds_dict)}. "
-            "Point deepspeed.teacher_config at a stage-3 file such as ds_configs/teacher_zero3.json"
+            f"the teacher runs as a ZeRO-3 inference engine or replicated (stage 0); its DeepSpeed config has "
+            f"stage {stage}. Point deepspeed.teacher_config at ds_configs/teacher_zero3.json (sharded) or "
+            "ds_configs/teacher_replicated.json (whole on every GPU)"
         )
     ds_dict = {k: v for k, v in ds_dict.items() if k not in ("optimizer", "scheduler")}
     from transformers.integrations import HfDeepSpeedConfig

@@ -36,6 +36,8 @@ OVERLAP_COMM_FACTOR = 4.5  # DeepSpeed docs, zero_optimization.overlap_comm (sta
 KD_FP32_VOCAB_BUFFERS = 4  # log q, log p (both saved for backward), the rkl/fkl product, its gradient
 LM_FP32_VOCAB_BUFFERS = 2  # the LM cross-entropy's fp32 log-softmax (saved) and its gradient
 VOCAB_BF16_BUFFERS = 3  # teacher logits, student logits, the gradient of the student logits
+FUSED_FP32_VOCAB_BUFFERS = 8  # one chunk (method.fused_logits): both logits, both log-softmaxes, the kind's
+#   intermediates and the chunk's gradient (bench/logit_memory.py measures the peak)
 IMPORTANCE_FP32_VOCAB_BUFFERS = 1  # the closed form keeps one (chunk, V) fp32 tensor (softmax in place)
 
 
@@ -127,6 +129,7 @@ class Workload:
     importance_pass: bool = True  # Flex-KD scores the teacher's units before training
     # teacher_cache.dir: only the teacher's LM head is resident, its LM-head inputs h are read from disk
     cached_teacher: bool = False
+    fused_logits: bool = False  # loss.fused_logits: the LM / logit terms chunk by chunk, never (B, T, V)
 
 
 @dataclass
@@ -263,6 +266,18 @@ def logit_buffer_bytes(batch: int, seq: int, vocab: int, logit_bytes: int, *, lo
     return batch * seq * vocab * (VOCAB_BF16_BUFFERS * logit_bytes + 4 * fp32)
 
 
+def fused_logit_bytes(batch: int, seq: int, student: ModelShape, logit_bytes: int) -> float:
+    """The chunked loss (``method.fused_logits``): one chunk's (c, V) buffers, the (B*T, d_S) gradient of the
+    student's hidden rows and the float32 head gradient accumulated over the chunks."""
+    from flexkd_ds.method.fused_logits import default_chunk_rows
+
+    rows = min(default_chunk_rows(student.vocab_size), batch * seq)
+    chunk = rows * student.vocab_size * (FUSED_FP32_VOCAB_BUFFERS * 4 + 2 * logit_bytes)
+    return (
+        chunk + batch * seq * student.head_input_size * 4 + student.vocab_size * student.head_input_size * 4
+    )
+
+
 def estimate(teacher: ModelShape, student: ModelShape, teacher_zero: ZeroSetup, student_zero: ZeroSetup,
              work: Workload, world: int, gpus_per_node: int) -> MemoryEstimate:  # fmt: skip
     """Per-GPU memory of a distillation run on ``world`` GPUs (``gpus_per_node`` per node)."""
@@ -273,16 +288,19 @@ def estimate(teacher: ModelShape, student: ModelShape, teacher_zero: ZeroSetup, 
         est.gpu["teacher LM head (whole; teacher cache)"] = lm_head_bytes(teacher, tb)
     elif work.needs_teacher:
         teacher_states(teacher, teacher_zero, world, gpus_per_node, est)
+        if work.fused_logits and work.logit_kd:  # jobs.step: the chunked loss reads the teacher's head whole
+            est.gpu["teacher LM head (whole; chunked logit loss)"] = lm_head_bytes(teacher, tb)
     student_states(student, student_zero, world, gpus_per_node, est)
 
     b, t, s_bytes = work.micro_batch, work.seq_len, student_zero.param_bytes
-    step = {
-        "step: student activations (for backward)": student_activation_bytes(student, b, t, s_bytes),
-        "step: logits + loss buffers (B, T, V)": logit_buffer_bytes(
+    step = {"step: student activations (for backward)": student_activation_bytes(student, b, t, s_bytes)}
+    if work.fused_logits and (work.logit_kd or work.lm_loss):
+        step["step: chunked logit loss (one chunk x V)"] = fused_logit_bytes(b, t, student, s_bytes)
+    else:
+        step["step: logits + loss buffers (B, T, V)"] = logit_buffer_bytes(
             b, t, student.vocab_size, s_bytes, logit_kd=work.logit_kd, lm_loss=work.lm_loss
-        ),
-        "step: feature-loss buffers": 4 * b * t * work.feature_width * 4,
-    }
+        )
+    step["step: feature-loss buffers"] = 4 * b * t * work.feature_width * 4
     if cached:  # the teacher's logits = head(h) are the "teacher logits" of the (B, T, V) buffers
         step["step: cached teacher h (B, T, d_T)"] = cached_hidden_bytes(teacher, b, t, tb)
     elif work.needs_teacher:
@@ -303,8 +321,7 @@ def estimate(teacher: ModelShape, student: ModelShape, teacher_zero: ZeroSetup, 
         est.importance_activations = sum(imp.values())
     elif work.needs_teacher and work.importance_pass:
         imp = {
-            "importance: teacher forward": teacher_forward_bytes(teacher, bi, t, tb)
-            + bi * t * teacher.vocab_size * tb,
+            "importance: teacher forward (head skipped)": teacher_forward_bytes(teacher, bi, t, tb),
             "importance: LM head copy + fp32 upcast": head * (tb + 4),
             "importance: closed-form chunk": chunk,
         }
