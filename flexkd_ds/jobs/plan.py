@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from flexkd_ds.inputs import models
 from flexkd_ds.inputs.config import DistillConfig
+from flexkd_ds.method.fused_logits import default_chunk_rows
 from flexkd_ds.runtime import memory
 from flexkd_ds.runtime.ds_config import load_ds_config, resolve_precision
 from flexkd_ds.runtime.memory import GIB, ModelShape, Workload, ZeroSetup
@@ -319,7 +320,7 @@ class _Planner:
             importance_batch=imp.batch_size, chunk_tokens=imp.chunk_tokens,
             needs_teacher=loss.feature_loss != "none" or (loss.logit_loss != "none" and loss.beta > 0),
             importance_pass=loss.feature_loss == "flexkd", cached_teacher=self.cached,
-            fused_logits=loss.fused_logits,
+            fused_logits=loss.fused_logits, logit_chunk_rows=default_chunk_rows(self.s.vocab_size),
         )  # fmt: skip
         t_zero = self.zero(sc.teacher_ds, "deepspeed.teacher_config")
         s_zero = self.zero(sc.student_ds, "deepspeed.student_config")

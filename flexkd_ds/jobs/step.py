@@ -142,6 +142,31 @@ class Teacher:
     cached: object = None
     head: tuple[Tensor, Tensor | None] | None = None
 
+    def window(self, micro_batches, pad_id: int) -> list[Tensor]:
+        """The live teacher's hidden states (B, T_i, d_T) of every micro-batch of a step from ONE forward
+        over all of them (right-padded to the longest, so ZeRO-3 gathers the teacher once per step). Right
+        padding leaves every attended position's hidden state as it is (causal attention, positions from 0)."""
+        width = max(b["input_ids"].shape[1] for b in micro_batches)
+
+        def padded(key, value):
+            return torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
+                              for b in micro_batches])  # fmt: skip
+
+        with torch.no_grad(), head_skipped(self.engine.module):
+            self.engine(input_ids=padded("input_ids", pad_id), attention_mask=padded("attention_mask", 0),
+                        use_cache=False)  # fmt: skip
+        hidden = self.capture.pop()
+        sizes = [b["input_ids"].shape[0] for b in micro_batches]
+        return [
+            h[:, : b["input_ids"].shape[1]] for h, b in zip(hidden.split(sizes), micro_batches, strict=True)
+        ]
+
+    def logits_at(self, hidden: Tensor, rows: Tensor) -> Tensor:
+        """(1, R, V) teacher logits from its held head at the label rows of (B, T, d_T) hidden states."""
+        weight, bias = self.head
+        with torch.no_grad():
+            return torch.nn.functional.linear(flat_rows(hidden, rows).to(weight.dtype), weight, bias)[None]
+
     def __call__(self, batch, fused: bool, want_logits: bool) -> tuple[Tensor | None, Tensor | None]:
         """(logits at the label rows (1, R, V) or None, hidden (B, T, d_T) or None) for one micro-batch."""
         rows = batch["label_rows"]
@@ -177,19 +202,32 @@ def train_step(
     global_rows: float | None = None,
     fused: bool = False,
     timed: bool = True,
+    pad_id: int | None = None,
 ) -> dict[str, Tensor | float]:
     """One optimizer step over ``grad_accum`` micro-batches. Returns the step's metrics as device tensors
     (``step_metrics`` turns them into numbers: a host sync, so only at logging steps). ``timed``: synchronise
-    around the teacher and the student to time them (logging steps); else only the step's wall time."""
+    around the teacher and the student to time them (logging steps); else only the step's wall time.
+    ``pad_id`` (``train.teacher_per_step``): run the live teacher once over all micro-batches (``Teacher.window``)."""
     accelerator = get_accelerator()
     teacher_s = student_s = 0.0
     sums = torch.zeros(
         5, dtype=torch.float64, device=env.device
     )  # lm, logit, projector, feature, micro-batches
     step_start = time.perf_counter()
-    for batch in micro_batches:
+    window = None
+    if pad_id is not None and teacher.engine is not None and len(micro_batches) > 1:  # train.teacher_per_step
         start = time.perf_counter()
-        teacher_logits, teacher_hidden = teacher(batch, fused, weights.uses_logit)
+        window = teacher.window(micro_batches, pad_id)
+        teacher_s += time.perf_counter() - start
+    for index, batch in enumerate(micro_batches):
+        start = time.perf_counter()
+        if window is not None:
+            teacher_hidden = window[index]
+            teacher_logits = None
+            if weights.uses_logit and not fused:
+                teacher_logits = teacher.logits_at(teacher_hidden, batch["label_rows"])
+        else:
+            teacher_logits, teacher_hidden = teacher(batch, fused, weights.uses_logit)
         if timed:
             accelerator.synchronize()
         teacher_s += time.perf_counter() - start

@@ -130,6 +130,9 @@ class Workload:
     # teacher_cache.dir: only the teacher's LM head is resident, its LM-head inputs h are read from disk
     cached_teacher: bool = False
     fused_logits: bool = False  # loss.fused_logits: the LM / logit terms chunk by chunk, never (B, T, V)
+    logit_chunk_rows: int = (
+        0  # rows per chunk (method.fused_logits.default_chunk_rows(V), set by the planner)
+    )
 
 
 @dataclass
@@ -266,12 +269,10 @@ def logit_buffer_bytes(batch: int, seq: int, vocab: int, logit_bytes: int, *, lo
     return batch * seq * vocab * (VOCAB_BF16_BUFFERS * logit_bytes + 4 * fp32)
 
 
-def fused_logit_bytes(batch: int, seq: int, student: ModelShape, logit_bytes: int) -> float:
+def fused_logit_bytes(batch: int, seq: int, student: ModelShape, logit_bytes: int, chunk_rows: int) -> float:
     """The chunked loss (``method.fused_logits``): one chunk's (c, V) buffers, the (B*T, d_S) gradient of the
     student's hidden rows and the float32 head gradient accumulated over the chunks."""
-    from flexkd_ds.method.fused_logits import default_chunk_rows
-
-    rows = min(default_chunk_rows(student.vocab_size), batch * seq)
+    rows = min(chunk_rows, batch * seq)
     chunk = rows * student.vocab_size * (FUSED_FP32_VOCAB_BUFFERS * 4 + 2 * logit_bytes)
     return (
         chunk + batch * seq * student.head_input_size * 4 + student.vocab_size * student.head_input_size * 4
@@ -295,7 +296,9 @@ def estimate(teacher: ModelShape, student: ModelShape, teacher_zero: ZeroSetup, 
     b, t, s_bytes = work.micro_batch, work.seq_len, student_zero.param_bytes
     step = {"step: student activations (for backward)": student_activation_bytes(student, b, t, s_bytes)}
     if work.fused_logits and (work.logit_kd or work.lm_loss):
-        step["step: chunked logit loss (one chunk x V)"] = fused_logit_bytes(b, t, student, s_bytes)
+        step["step: chunked logit loss (one chunk x V)"] = fused_logit_bytes(
+            b, t, student, s_bytes, work.logit_chunk_rows
+        )
     else:
         step["step: logits + loss buffers (B, T, V)"] = logit_buffer_bytes(
             b, t, student.vocab_size, s_bytes, logit_kd=work.logit_kd, lm_loss=work.lm_loss
