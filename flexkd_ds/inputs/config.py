@@ -208,12 +208,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        known = ("instruction", "input", "output", "prompt")
+        known = ("instruction", "input", "output", "prompt", "text", "text_pair", "label")
         for key, value in (self.field_map or {}).items():
             _check(
                 key in known and isinstance(value, str) and value != "",
                 f"data.field_map.{key}",
-                f"data.field_map maps the fields {known} to column names (strings); got {key}: {value!r}",
+                f"data.field_map maps the fields {known} to column names (strings); got {key}: {value!r} "
+                "(text, text_pair, label: task=classification)",
             )
         _check(
             self.train != "builtin:prompts" or self.responses == "teacher",
@@ -445,11 +446,35 @@ class DeepSpeedOptions:
 
 
 @dataclass(frozen=True)
+class ClassifyConfig:
+    """task=classification: the label set and the metric (data.train presets fill both)."""
+
+    _section = "classify"
+    num_labels: int | None = _opt(
+        None, "Classes of the task (1 = a regression score, STS-B); null = from the data.train preset.", ge=1
+    )
+    metric: Literal["auto", "accuracy", "f1_accuracy", "pearson_spearman"] = _opt(
+        "auto",
+        "Validation metric: accuracy; f1_accuracy = mean of F1 and accuracy (MRPC); pearson_spearman = mean of "
+        "the two correlations (STS-B); auto = the preset's, else accuracy (pearson_spearman for 1 label).",
+    )
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Root config of the distill / score / evaluate jobs."""
 
     _section = ""
     output_dir: str = _opt("outputs/quickstart", "Student, importance file, metrics and checkpoints go here.")
+    task: Literal["causal_lm", "classification"] = _opt(
+        "causal_lm",
+        "causal_lm = instruction-following LMs (the default); classification = sequence classifiers "
+        "(AutoModelForSequenceClassification, encoder or decoder: GLUE, IMDB; data.train presets glue:sst2, "
+        "glue:mrpc, glue:stsb, glue:rte, glue:mnli, imdb, builtin:classification).",
+    )
     seed: int = _opt(1234, "Seed of data order, synthetic data and random models.", ge=0, lt=2**32)
     model: ModelConfig = _opt(ModelConfig, "Teacher, student, tokenizer, dtype.")
     data: DataConfig = _opt(DataConfig, "Data and tokenization.")
@@ -459,9 +484,20 @@ class DistillConfig:
     teacher_cache: TeacherCacheConfig = _opt(TeacherCacheConfig, "Offline teacher cache.")
     train: TrainConfig = _opt(TrainConfig, "Optimisation and checkpoints.")
     deepspeed: DeepSpeedOptions = _opt(DeepSpeedOptions, "DeepSpeed config files.")
+    classify: ClassifyConfig = _opt(ClassifyConfig, "task=classification: labels and metric.")
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        if self.task == "classification":
+            _check(
+                self.data.train not in ("builtin:prompts", "builtin:synthetic"),
+                ("task", "data.train"),
+                f"task=classification reads labelled texts: data.train={self.data.train} is instruction data; "
+                "use a preset (glue:sst2, imdb, ...), builtin:classification, or a file with text and label columns",
+            )
+            for key, value in (("model.student_init", self.model.resolved_student_init == "pruned"),
+                               ("teacher_cache.dir", self.teacher_cache.dir is not None)):  # fmt: skip
+                _check(not value, ("task", key), f"task=classification does not support {key} yet")
         _check(
             self.train.eval_every == 0 or self.data.valid is not None,
             ("train.eval_every", "data.valid"),

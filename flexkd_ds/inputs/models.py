@@ -35,6 +35,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BertConfig,
     GPT2Config,
     LlamaConfig,
     OPTConfig,
@@ -322,7 +323,7 @@ def _check_heads(what: str, hidden_size: int, num_heads: int, num_kv_heads: int 
         )
 
 
-_FAMILIES = {"llama": LlamaConfig, "gpt2": GPT2Config, "opt": OPTConfig}
+_FAMILIES = {"llama": LlamaConfig, "gpt2": GPT2Config, "opt": OPTConfig, "bert": BertConfig}
 
 
 def tiny_config(
@@ -336,7 +337,8 @@ def tiny_config(
     max_positions: int = 128,
     **overrides: Any,
 ) -> PretrainedConfig:
-    """A small config for ``family`` in {"llama", "gpt2", "opt"} (tests and the tiny recipe).
+    """A small config for ``family`` in {"llama", "gpt2", "opt", "bert"} (tests and the tiny recipes; bert is an
+    encoder, for ``task: classification``).
 
     ``intermediate_size`` defaults to ``4 * hidden_size``; dropouts are 0 so runs are deterministic; special
     token ids are kept inside the vocabulary. ``overrides`` set other config fields (unknown names are refused),
@@ -358,6 +360,10 @@ def tiny_config(
         fields = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=ffn,
                       vocab_size=vocab_size, n_positions=max_positions, bos_token_id=last, eos_token_id=last,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    elif family == "bert":
+        fields = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                      intermediate_size=ffn, vocab_size=vocab_size, max_position_embeddings=max_positions,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)  # fmt: skip
     else:
         fields = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                       ffn_dim=ffn, vocab_size=vocab_size, max_position_embeddings=max_positions,

@@ -127,6 +127,10 @@ def student_ds_dict(cfg: DistillConfig, env: DistEnv, output_dir: Path) -> dict:
 @stops_cleanly
 def run_distill(cfg: DistillConfig) -> Path:
     """Run the whole distill job; returns the exported student directory."""
+    if cfg.task == "classification":  # sequence classifiers: their own data, models and metric
+        from flexkd_ds.jobs.classify import run_classify
+
+        return run_classify(cfg)
     preemption = Preemption.install()  # first: a signal during loading or scoring waits for a safe boundary
     run_start = time.perf_counter()
     env = init_distributed()
