@@ -197,3 +197,16 @@ def test_bad_classification_input_stops_before_anything_is_written(tmp_path):
     assert not out.exists()
     _, proc = run_tiny(tmp_path, ["loss.beta=1", "classify.num_labels=1"], nprocs=1, check=False)
     assert proc.returncode != 0 and "regression task" in proc.stdout + proc.stderr
+
+
+def test_a_teacher_with_another_label_set_is_refused_before_anything_is_written(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("bert", hidden_size=64, num_layers=1, num_heads=4, vocab_size=259)
+    config.num_labels = 3
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "teacher3")
+    out, proc = run_tiny(tmp_path, [f"model.teacher={tmp_path / 'teacher3'}", "model.teacher_arch=null"], nprocs=1,
+                         check=False)  # fmt: skip
+    assert proc.returncode != 0
+    assert "is a classifier with 3 labels, but the task has 2" in proc.stdout + proc.stderr
+    assert not out.exists()

@@ -307,6 +307,21 @@ def build_causal_lm_from_config(
         return AutoModelForCausalLM.from_config(copy.deepcopy(config), **{_DTYPE_KWARG: resolve_dtype(dtype)})
 
 
+def load_sequence_classifier(
+    source: ModelSource | str | os.PathLike, *, num_labels: int, dtype: torch.dtype | str = torch.float32
+) -> PreTrainedModel:
+    """A pretrained ``AutoModelForSequenceClassification`` with ``num_labels`` outputs (``task: classification``);
+    a checkpoint without a classifier head gets a new, random one (transformers says so)."""
+    from transformers import AutoModelForSequenceClassification
+
+    source, kwargs = _hf_args(source, None)
+    logger.info("loading sequence classifier %s (%s)", source, source.kind)
+    kwargs |= _loading_kwargs(dtype)
+    return AutoModelForSequenceClassification.from_pretrained(
+        source.path_or_name, num_labels=num_labels, **kwargs
+    )
+
+
 def _check_heads(what: str, hidden_size: int, num_heads: int, num_kv_heads: int | None = None) -> None:
     values = {"hidden_size": hidden_size, "num_heads": num_heads, "num_kv_heads": num_kv_heads}
     bad = {name: v for name, v in values.items() if v is not None and (not isinstance(v, int) or v <= 0)}

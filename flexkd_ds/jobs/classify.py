@@ -86,10 +86,7 @@ def load_classifier(spec: ModelSpec, num_labels: int, dtype: torch.dtype):
             torch.manual_seed(spec.seed)
             model = AutoModelForSequenceClassification.from_config(config)
         return model.to(dtype)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        spec.source.path if hasattr(spec.source, "path") else str(spec.source), num_labels=num_labels,
-        torch_dtype=dtype,
-    )  # fmt: skip
+    model = models.load_sequence_classifier(spec.source, num_labels=num_labels, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = spec.config.pad_token_id
     return model
@@ -433,6 +430,3 @@ def evaluate_classifier(forward_engine, valid_set, env: DistEnv, pad_id: int, ba
     predictions = [pred for _, pred in pairs]
     labels = [valid_set[p]["label"] for p, _ in pairs]
     return {**task_metrics(metric, predictions, labels), "rows": len(pairs)}
-
-
-__all__ = ["run_classify", "DistillClassifier", "classifier_head", "load_classifier", "models"]

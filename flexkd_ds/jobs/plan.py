@@ -390,6 +390,13 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
             raise PlanError(f"{name} must be a positive integer; got {value!r}")
     if not gpu_mem_gib > 0:
         raise PlanError(f"--gpu-mem-gb must be > 0; got {gpu_mem_gib!r}")
+    if cfg.task != "causal_lm":
+        raise PlanError(
+            f"task={cfg.task}: the planner models causal-LM distillation (its logits, activations and teacher "
+            "passes); a classifier run needs its two models' ZeRO states plus per-example buffers of "
+            "(batch x classes) and (batch x d) only: plan the same teacher / student pair with task=causal_lm "
+            "for an upper bound"
+        )
     report = PlanReport(nodes, gpus_per_node, float(gpu_mem_gib))
     teacher, student = resolve_models(cfg)
     t, s = model_shape(teacher.config, teacher.name), model_shape(student.config, student.name)
