@@ -208,13 +208,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        known = ("instruction", "input", "output", "prompt", "text", "text_pair", "label")
+        known = ("instruction", "input", "output", "prompt", "text", "text_pair", "label", "target")
         for key, value in (self.field_map or {}).items():
             _check(
                 key in known and isinstance(value, str) and value != "",
                 f"data.field_map.{key}",
                 f"data.field_map maps the fields {known} to column names (strings); got {key}: {value!r} "
-                "(text, text_pair, label: task=classification)",
+                "(text, text_pair, label: task=classification; text, target: task=seq2seq)",
             )
         _check(
             self.train != "builtin:prompts" or self.responses == "teacher",
@@ -464,16 +464,30 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True)
+class Seq2SeqConfig:
+    """task=seq2seq: target length and the end-of-run evaluation."""
+
+    _section = "seq2seq"
+    max_target_length: int = _opt(64, "Most tokens of a target summary (EOS included).", ge=2)
+    eval_rows: int = _opt(100, "Validation rows summarised (greedy) for ROUGE-2 / ROUGE-L at the end.", ge=1)
+    generate_tokens: int = _opt(64, "Most new tokens of a generated summary.", ge=1)
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """Root config of the distill / score / evaluate jobs."""
 
     _section = ""
     output_dir: str = _opt("outputs/quickstart", "Student, importance file, metrics and checkpoints go here.")
-    task: Literal["causal_lm", "classification"] = _opt(
+    task: Literal["causal_lm", "classification", "seq2seq"] = _opt(
         "causal_lm",
         "causal_lm = instruction-following LMs (the default); classification = sequence classifiers "
         "(AutoModelForSequenceClassification, encoder or decoder: GLUE, IMDB; data.train presets glue:sst2, "
-        "glue:mrpc, glue:stsb, glue:rte, glue:mnli, imdb, builtin:classification).",
+        "glue:mrpc, glue:stsb, glue:rte, glue:mnli, imdb, builtin:classification); seq2seq = encoder-decoder "
+        "summarisers (AutoModelForSeq2SeqLM, BART: presets cnn_dailymail, xsum, builtin:seq2seq).",
     )
     seed: int = _opt(1234, "Seed of data order, synthetic data and random models.", ge=0, lt=2**32)
     model: ModelConfig = _opt(ModelConfig, "Teacher, student, tokenizer, dtype.")
@@ -485,19 +499,21 @@ class DistillConfig:
     train: TrainConfig = _opt(TrainConfig, "Optimisation and checkpoints.")
     deepspeed: DeepSpeedOptions = _opt(DeepSpeedOptions, "DeepSpeed config files.")
     classify: ClassifyConfig = _opt(ClassifyConfig, "task=classification: labels and metric.")
+    seq2seq: Seq2SeqConfig = _opt(Seq2SeqConfig, "task=seq2seq: target length and evaluation.")
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        if self.task == "classification":
+        if self.task != "causal_lm":
             _check(
                 self.data.train not in ("builtin:prompts", "builtin:synthetic"),
                 ("task", "data.train"),
-                f"task=classification reads labelled texts: data.train={self.data.train} is instruction data; "
-                "use a preset (glue:sst2, imdb, ...), builtin:classification, or a file with text and label columns",
+                f"task={self.task} reads {'labelled texts' if self.task == 'classification' else 'documents and summaries'}: "
+                f"data.train={self.data.train} is instruction data; use a preset (glue:sst2, imdb, cnn_dailymail, "
+                "xsum, ...), builtin:classification / builtin:seq2seq, or a file with the task's columns",
             )
             for key, value in (("model.student_init", self.model.resolved_student_init == "pruned"),
                                ("teacher_cache.dir", self.teacher_cache.dir is not None)):  # fmt: skip
-                _check(not value, ("task", key), f"task=classification does not support {key} yet")
+                _check(not value, ("task", key), f"task={self.task} does not support {key} yet")
         _check(
             self.train.eval_every == 0 or self.data.valid is not None,
             ("train.eval_every", "data.valid"),

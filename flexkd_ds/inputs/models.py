@@ -35,6 +35,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BartConfig,
     BertConfig,
     GPT2Config,
     LlamaConfig,
@@ -338,7 +339,7 @@ def _check_heads(what: str, hidden_size: int, num_heads: int, num_kv_heads: int 
         )
 
 
-_FAMILIES = {"llama": LlamaConfig, "gpt2": GPT2Config, "opt": OPTConfig, "bert": BertConfig}
+_FAMILIES = {"llama": LlamaConfig, "gpt2": GPT2Config, "opt": OPTConfig, "bert": BertConfig, "bart": BartConfig}
 
 
 def tiny_config(
@@ -375,6 +376,12 @@ def tiny_config(
         fields = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_inner=ffn,
                       vocab_size=vocab_size, n_positions=max_positions, bos_token_id=last, eos_token_id=last,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    elif family == "bart":  # encoder-decoder (task: seq2seq): num_layers each side
+        fields = dict(d_model=hidden_size, encoder_layers=num_layers, decoder_layers=num_layers,
+                      encoder_attention_heads=num_heads, decoder_attention_heads=num_heads, encoder_ffn_dim=ffn,
+                      decoder_ffn_dim=ffn, vocab_size=vocab_size, max_position_embeddings=max_positions,
+                      dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=1,
+                      eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)  # fmt: skip
     elif family == "bert":
         fields = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                       intermediate_size=ffn, vocab_size=vocab_size, max_position_embeddings=max_positions,

@@ -131,6 +131,10 @@ def run_distill(cfg: DistillConfig) -> Path:
         from flexkd_ds.jobs.classify import run_classify
 
         return run_classify(cfg)
+    if cfg.task == "seq2seq":  # encoder-decoder summarisers: two selections, two correlation terms
+        from flexkd_ds.jobs.seq2seq import run_seq2seq
+
+        return run_seq2seq(cfg)
     preemption = Preemption.install()  # first: a signal during loading or scoring waits for a safe boundary
     run_start = time.perf_counter()
     env = init_distributed()

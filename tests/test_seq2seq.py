@@ -1,0 +1,133 @@
+"""task=seq2seq (issue 18): the two-layer importance against autograd through the whole model, the one-pass
+selection against two separate passes, the batch layout, and the tiny recipe end to end on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from _helpers import REPO, job_command, job_env
+
+from flexkd_ds.inputs import seq2seq as D
+from flexkd_ds.inputs.models import tiny_config
+from flexkd_ds.method.seq2seq import seq2seq_tangent_scores
+
+TINY = REPO / "launch" / "recipes" / "tiny-seq2seq.yaml"
+
+
+def tiny_bart():
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = tiny_config("bart", hidden_size=16, num_layers=2, num_heads=2, vocab_size=30)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).double().eval()
+    with torch.no_grad():
+        model.final_logits_bias.normal_()  # a non-zero bias, so the test sees it used
+    return model
+
+
+def a_batch():
+    items = [
+        {"input_ids": [5, 6, 7, 8, 2], "labels": [9, 10, 2]},
+        {"input_ids": [11, 12, 2], "labels": [13, 2]},
+    ]
+    return D.collate(items, pad_id=0, decoder_start_id=2)
+
+
+def test_collate_shifts_the_labels_behind_the_start_token():
+    batch = a_batch()
+    assert batch["decoder_input_ids"].tolist() == [[2, 9, 10], [2, 13, 0]]
+    assert batch["labels"].tolist() == [[9, 10, 2], [13, 2, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert batch["decoder_attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def reference_scores(model, batch):
+    """Autograd through the whole model: F = sum over target tokens of sum_v log p_v; per-example mean |dF/dh|
+    over the source tokens (last encoder layer) and over the target tokens (last decoder layer)."""
+    enc = model.get_encoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    enc.retain_grad()
+    dec = model.get_decoder()(input_ids=batch["decoder_input_ids"], attention_mask=batch["decoder_attention_mask"],
+                              encoder_hidden_states=enc, encoder_attention_mask=batch["attention_mask"]).last_hidden_state  # fmt: skip
+    dec.retain_grad()
+    logits = model.lm_head(dec) + model.final_logits_bias
+    target = (batch["labels"] != -100).double()
+    (torch.log_softmax(logits, -1) * target[..., None]).sum().backward()
+    source = batch["attention_mask"].double()
+    enc_ref = (enc.grad.abs() * source[..., None]).sum(1) / source.sum(1, keepdim=True)
+    dec_ref = (dec.grad.abs() * target[..., None]).sum(1) / target.sum(1, keepdim=True)
+    return enc_ref, dec_ref
+
+
+def scores_of(model, batch, layers):
+    with torch.no_grad():
+        enc = model.get_encoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+
+    def decode(states):
+        return model.get_decoder()(input_ids=batch["decoder_input_ids"],
+                                   attention_mask=batch["decoder_attention_mask"], encoder_hidden_states=states,
+                                   encoder_attention_mask=batch["attention_mask"]).last_hidden_state  # fmt: skip
+
+    return seq2seq_tangent_scores(enc, decode, model.lm_head.weight, model.final_logits_bias,
+                                  batch["attention_mask"].bool(), batch["labels"] != -100, layers)  # fmt: skip
+
+
+def test_two_layer_importance_equals_autograd_through_the_model():
+    model, batch = tiny_bart(), a_batch()
+    enc_ref, dec_ref = reference_scores(model, batch)
+    got = scores_of(model, batch, ("encoder", "decoder"))
+    torch.testing.assert_close(got["encoder"], enc_ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got["decoder"], dec_ref, rtol=1e-10, atol=1e-14)
+    assert float(got["encoder"].abs().sum()) > 0 and float(got["decoder"].abs().sum()) > 0
+
+
+def test_one_pass_selection_equals_two_separate_passes():
+    model, batch = tiny_bart(), a_batch()
+    both = scores_of(model, batch, ("encoder", "decoder"))
+    assert torch.equal(both["encoder"], scores_of(model, batch, ("encoder",))["encoder"])
+    assert torch.equal(both["decoder"], scores_of(model, batch, ("decoder",))["decoder"])
+    with pytest.raises(ValueError, match="non-empty subset"):
+        scores_of(model, batch, ("middle",))
+
+
+def run_tiny(tmp_path, overrides=(), nprocs=2, check=True):
+    out = tmp_path / "run"
+    cmd = job_command("launch/distill.py", ["--config", str(TINY), f"output_dir={out}", *overrides], nprocs)
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc
+
+
+def test_tiny_seq2seq_two_ranks_end_to_end(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    out, proc = run_tiny(tmp_path)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["rows"] == 16 and 0 <= result["rouge2"] <= 100 and 0 <= result["rougeL"] <= 100
+    assert "ROUGE-2" in proc.stdout and "ROUGE-L" in proc.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 11))
+    assert all(m["feature_encoder"] > 0 and m["feature_decoder"] > 0 for m in metrics)
+    assert (out / "importance.encoder.safetensors").is_file() and (
+        out / "importance.decoder.safetensors"
+    ).is_file()
+    model = AutoModelForSeq2SeqLM.from_pretrained(out / "student")
+    assert type(model).__name__ == "BartForConditionalGeneration" and model.config.d_model == 32
+
+
+def test_a_missing_column_stops_before_anything_is_written(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"document": "a b c", "summary": "a"}) + "\n")
+    out, proc = run_tiny(tmp_path, [f"data.train={rows}", "data.valid=null"], nprocs=1, check=False)
+    assert proc.returncode != 0 and "no column ['text', 'target']" in proc.stdout + proc.stderr
+    assert not out.exists()
+    out, _ = run_tiny(tmp_path, [f"data.train={rows}", "data.valid=null", "train.max_steps=1",
+                                 "data.field_map={text: document, target: summary}"], nprocs=1)  # fmt: skip
+    assert (out / "student" / "config.json").is_file()
