@@ -210,3 +210,27 @@ def test_a_teacher_with_another_label_set_is_refused_before_anything_is_written(
     assert proc.returncode != 0
     assert "is a classifier with 3 labels, but the task has 2" in proc.stdout + proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_classification_run_ends_as_the_straight_one(tmp_path):
+    """Checkpoints and resume are the causal-LM job's: 6 steps, then the same command extended to 12, equals
+    12 steps straight (losses per step and the exported weights). Constant lr: a cosine schedule depends on
+    train.max_steps."""
+    from safetensors.torch import load_file
+
+    fixed = ["train.lr_schedule=constant", "train.warmup_steps=0", "train.save_every=0"]
+    straight, _ = run_tiny(tmp_path / "a", [*fixed, "train.max_steps=12"])
+    resumed, _ = run_tiny(tmp_path / "b", [*fixed, "train.max_steps=6"])
+    resumed, proc = run_tiny(tmp_path / "b", [*fixed, "train.max_steps=12"])
+    read = lambda out: [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [m["step"] for m in read(resumed)] == list(range(1, 13))
+    for a, b in zip(read(resumed), read(straight), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    got, want = (
+        load_file(resumed / "student" / "model.safetensors"),
+        load_file(straight / "student" / "model.safetensors"),
+    )
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)

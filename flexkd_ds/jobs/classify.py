@@ -227,15 +227,18 @@ def run_classify(cfg: DistillConfig) -> Path:
 
     unit_indices, importance_hash = None, None
     if flexkd_on:
-        found = score_classifier(
-            cfg, t_engine, train_set, env, pad_id, t_pooling, d_teacher, teacher.name, regression
-        )
-        indices = importance.select_units(found["scores"], d_student)
-        found["metadata"]["tail_mass"] = f"{importance.tail_mass(found['scores'], d_student):.6f}"
         path = out / "importance.safetensors"
-        if env.is_main:
-            importance.save_importance(path, found["scores"], indices, found["metadata"])
-        barrier()
+        if reusable_importance(path, cfg, teacher.name, d_teacher, d_student, "classification"):
+            indices = importance.load_importance(path).indices  # this run's own scores (a rerun or resume)
+            logger.info("reusing importance file %s", path)
+        else:
+            found = score_classifier(cfg, t_engine, train_set, env, pad_id, t_pooling, d_teacher, teacher.name,
+                                     regression)  # fmt: skip
+            indices = importance.select_units(found["scores"], d_student)
+            found["metadata"]["tail_mass"] = f"{importance.tail_mass(found['scores'], d_student):.6f}"
+            if env.is_main:
+                importance.save_importance(path, found["scores"], indices, found["metadata"])
+            barrier()
         unit_indices = indices.to(env.device)
         check_unit_indices(unit_indices, d_teacher, d_student)
         importance_hash = importance.importance_file_hash(path)
@@ -367,6 +370,26 @@ def run_classify(cfg: DistillConfig) -> Path:
             "done: %d steps in %.0f s; student %s", step, time.perf_counter() - run_start, student_dir
         )
     return student_dir
+
+
+def reusable_importance(
+    path: Path, cfg, teacher_name: str, d_teacher: int, d_student: int, task: str
+) -> bool:
+    """An importance file this output_dir already holds, for the same teacher, task, data and widths: a rerun or
+    a resume uses it (its hash is in the checkpoints) instead of scoring again; ``importance.recompute`` scores."""
+    if cfg.importance.recompute or not path.is_file():
+        return False
+    found = importance.load_importance(path)
+    meta = found.metadata
+    same = (meta.get("teacher") == teacher_name and meta.get("task") == task and meta.get("dataset") == cfg.data.train
+            and found.scores.numel() == d_teacher and found.indices.numel() == d_student)  # fmt: skip
+    if not same:
+        raise ValueError(
+            f"{path} was made for another run (teacher {meta.get('teacher')}, task {meta.get('task')}, data "
+            f"{meta.get('dataset')}, d_T {found.scores.numel()}, d_S {found.indices.numel()}); use another "
+            "output_dir or set importance.recompute=true"
+        )
+    return True
 
 
 def score_classifier(cfg, engine, dataset, env: DistEnv, pad_id: int, pooling: str, d_teacher: int,

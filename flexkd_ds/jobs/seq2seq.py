@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from flexkd_ds.inputs import models
 from flexkd_ds.inputs import seq2seq as s2s_data
 from flexkd_ds.inputs.config import DistillConfig
+from flexkd_ds.jobs.classify import reusable_importance
 from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student, setup_logging
 from flexkd_ds.method import importance
 from flexkd_ds.method.losses import check_unit_indices
@@ -141,18 +142,26 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
 
     units, importance_hash = {}, None
     if flexkd_on:
-        scores = score_seq2seq(cfg, t_engine, train_set, env, pad_id, start_id, d_teacher)
+        paths = {layer: out / f"importance.{layer}.safetensors" for layer in LAYERS}
+        name = cfg.model.teacher or "random"
+        reuse = all(
+            reusable_importance(p, cfg, name, d_teacher, d_student, "seq2seq") for p in paths.values()
+        )
+        scores = None if reuse else score_seq2seq(cfg, t_engine, train_set, env, pad_id, start_id, d_teacher)
         hashes = []
         for layer in LAYERS:
-            indices = importance.select_units(scores[layer]["scores"], d_student)
-            meta = {
-                **scores[layer]["metadata"],
-                "tail_mass": f"{importance.tail_mass(scores[layer]['scores'], d_student):.6f}",
-            }
-            path = out / f"importance.{layer}.safetensors"
-            if env.is_main:
-                importance.save_importance(path, scores[layer]["scores"], indices, meta)
-            barrier()
+            path = paths[layer]
+            if reuse:
+                indices = importance.load_importance(
+                    path
+                ).indices  # this run's own scores (a rerun or resume)
+            else:
+                indices = importance.select_units(scores[layer]["scores"], d_student)
+                tail = importance.tail_mass(scores[layer]["scores"], d_student)
+                meta = {**scores[layer]["metadata"], "tail_mass": f"{tail:.6f}"}
+                if env.is_main:
+                    importance.save_importance(path, scores[layer]["scores"], indices, meta)
+                barrier()
             units[layer] = indices.to(env.device)
             check_unit_indices(units[layer], d_teacher, d_student)
             hashes.append(importance.importance_file_hash(path))
