@@ -182,3 +182,16 @@ def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -
 
 def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def run_recipe(
+    recipe: Path, tmp_path: Path, overrides: Sequence[str] = (), nprocs: int = 2, check: bool = True
+):
+    """``launch/distill.py --config recipe output_dir=<tmp_path>/run overrides`` to the end: (output_dir, the
+    completed process). ``check``: fail the test with the output's tail unless it exits 0."""
+    out = tmp_path / "run"
+    cmd = job_command(DISTILL, ["--config", str(recipe), f"output_dir={out}", *overrides], nprocs)
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, proc

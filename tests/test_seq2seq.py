@@ -4,11 +4,10 @@ selection against two separate passes, the batch layout, and the tiny recipe end
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
-from _helpers import REPO, job_command, job_env
+from _helpers import REPO, run_recipe
 
 from flexkd_ds.inputs import seq2seq as D
 from flexkd_ds.inputs.models import tiny_config
@@ -97,12 +96,7 @@ def test_one_pass_selection_equals_two_separate_passes():
 
 
 def run_tiny(tmp_path, overrides=(), nprocs=2, check=True):
-    out = tmp_path / "run"
-    cmd = job_command("launch/distill.py", ["--config", str(TINY), f"output_dir={out}", *overrides], nprocs)
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc
+    return run_recipe(TINY, tmp_path, overrides, nprocs, check)
 
 
 def test_tiny_seq2seq_two_ranks_end_to_end(tmp_path):

@@ -29,23 +29,22 @@ from flexkd_ds.evaluation.classification_metrics import task_metrics
 from flexkd_ds.inputs import classification as cls_data
 from flexkd_ds.inputs import models
 from flexkd_ds.inputs.config import DistillConfig
-from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student, setup_logging
+from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
+from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
 from flexkd_ds.method.classification import classifier_tangent_scores, pooled_rows, regression_loss_sum
 from flexkd_ds.method.losses import Projector, check_unit_indices
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
 from flexkd_ds.runtime import sampling
 from flexkd_ds.runtime.checkpoints import consolidated_state_dict
-from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier, init_distributed
+from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier
 from flexkd_ds.runtime.engines import (
-    build_student_engine,
     build_teacher_engine,
     deepspeed_dict,
     engine_dtype,
     gathered,
     sharded_init,
 )
-from flexkd_ds.runtime.preemption import Preemption
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -177,24 +176,10 @@ def load_sets(cfg: DistillConfig, tokenizer, source: cls_data.ClassificationSour
 
 def run_classify(cfg: DistillConfig) -> Path:
     """Train, export and evaluate; returns the exported student directory."""
-    from flexkd_ds.jobs.distill import (
-        check_resume_config,
-        checkpoint,
-        keep_resolved_config,
-        lr_multiplier,
-        resume,
-        student_ds_dict,
-        trim_metrics,
-    )
+    from flexkd_ds.jobs.distill import keep_resolved_config, student_ds_dict
 
-    preemption = Preemption.install()
-    run_start = time.perf_counter()
-    env = init_distributed()
-    setup_logging(env)
-    out = Path(cfg.output_dir)
-    weights = ObjectiveWeights.from_config(cfg.loss)
-    t = cfg.train
-    check_resume_config(cfg, out / "checkpoints", env.world_size)
+    run = TaskRun(cfg)
+    env, out, weights, t = run.env, run.out, run.weights, cfg.train
     source = cls_data.resolve_source(cfg.data, cfg.classify)
     regression = source.num_labels == 1
     if regression and weights.uses_logit:
@@ -254,39 +239,17 @@ def run_classify(cfg: DistillConfig) -> Path:
     module = DistillClassifier(s_model, projector)
     module.train()
 
-    def optimizer_factory(params):
-        return torch.optim.AdamW(
-            params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay
-        )
-
-    s_engine = build_student_engine(module, s_ds, optimizer_factory, lr_multiplier(t))
-    sampler = sampling.ResumableDistributedSampler(len(train_set), rank=env.rank, world_size=env.world_size,
-                                                   seed=cfg.seed)  # fmt: skip
-    ckpt_dir = out / "checkpoints"
-    start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash, env)
-    if env.is_main:
-        trim_metrics(out / "metrics.jsonl", start_step)
-    metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
-    bar = tqdm(total=t.max_steps, initial=start_step, desc="distill (classification)", disable=not env.is_main,
-               unit="step")  # fmt: skip
+    step = run.start_student(module, s_ds, len(train_set), importance_hash, "distill (classification)")
+    s_engine = run.engine
     # the example terms: lm_loss on (1, B, C) logits is the CE sum; the divergence is over the classes
     example_weights = ObjectiveWeights(
         **{**weights.__dict__, "lm_weight": 0.0 if regression else weights.lm_weight}
     )
-    step = start_step
     try:
         while step < t.max_steps:
-            sampler_before = sampler.state_dict()
-            batches = [cls_data.collate([train_set[i] for i in sampler.next_indices(t.micro_batch_size)], pad_id,
-                                        regression) for _ in range(t.grad_accum)]  # fmt: skip
-            local = sum(int(b["counted"].sum()) for b in batches)
-            agreed = all_reduce_sum(
-                torch.tensor([float(local), float(preemption.requested)], device=env.device)
-            )
-            if agreed[1] > 0:
-                logger.info("preemption signal: checkpointing at step %d and exiting", step)
-                sampler.load_state_dict(sampler_before)
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
+            batches = run.next_batches(train_set, lambda items: cls_data.collate(items, pad_id, regression))
+            examples = run.agree(sum(int(b["counted"].sum()) for b in batches), step)
+            if examples is None:  # preempted: checkpointed
                 return out / "student"
             lr = s_engine.get_lr()[0]
             start = time.perf_counter()
@@ -312,8 +275,8 @@ def run_classify(cfg: DistillConfig) -> Path:
                     labels=labels,
                     feature_mask=torch.ones(1, rows, dtype=torch.bool, device=env.device),
                     unit_indices=unit_indices,
-                    global_tokens=float(agreed[0]),
-                    global_feature_rows=float(agreed[0]),
+                    global_tokens=examples,
+                    global_feature_rows=examples,
                     grad_accum=t.grad_accum,
                     world_size=env.world_size,
                     all_reduce=all_reduce_sum,
@@ -323,7 +286,7 @@ def run_classify(cfg: DistillConfig) -> Path:
                 sup = terms.lm_sum
                 if regression and weights.uses_lm:
                     sup = regression_loss_sum(s_logits, batch["labels"])
-                    loss = loss + t.grad_accum * env.world_size * weights.lm_weight * sup / float(agreed[0])
+                    loss = loss + t.grad_accum * env.world_size * weights.lm_weight * sup / examples
                 s_engine.backward(loss)
                 s_engine.step()
                 feature = terms.projector_sum if weights.feature_loss == "projector" else terms.feature_value
@@ -331,7 +294,6 @@ def run_classify(cfg: DistillConfig) -> Path:
                                      torch.ones((), dtype=torch.float64, device=env.device)])  # fmt: skip
             totals = all_reduce_sum(sums).cpu()
             step += 1
-            examples = float(agreed[0])
             feature = (
                 float(totals[2] / examples)
                 if weights.feature_loss == "projector"
@@ -341,19 +303,11 @@ def run_classify(cfg: DistillConfig) -> Path:
                       "feature": feature, "examples": int(examples), "step_s": time.perf_counter() - start}  # fmt: skip
             record["loss"] = (weights.lm_weight * record["sup"] * weights.uses_lm + weights.beta * record["logit"]
                               * weights.uses_logit + weights.alpha * feature * weights.uses_feature)  # fmt: skip
-            if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
+            run.log(record)
     finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        run.close()
 
-    checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
+    run.checkpoint(step)
     name_student(module.model.config, "student distilled", teacher.name, steps=step, output_dir=str(out))
     student_dir = export_classifier(s_engine, module, tokenizer, out, env)
     if valid_set is not None:
@@ -367,7 +321,7 @@ def run_classify(cfg: DistillConfig) -> Path:
             logger.info("validation (%d rows): %s", result["rows"], shown)
     if env.is_main:
         logger.info(
-            "done: %d steps in %.0f s; student %s", step, time.perf_counter() - run_start, student_dir
+            "done: %d steps in %.0f s; student %s", step, time.perf_counter() - run.start_time, student_dir
         )
     return student_dir
 

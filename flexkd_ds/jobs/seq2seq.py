@@ -24,23 +24,22 @@ from flexkd_ds.inputs import models
 from flexkd_ds.inputs import seq2seq as s2s_data
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.classify import reusable_importance
-from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student, setup_logging
+from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
+from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
 from flexkd_ds.method.losses import check_unit_indices
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
 from flexkd_ds.method.seq2seq import LAYERS, seq2seq_tangent_scores
 from flexkd_ds.runtime import sampling
 from flexkd_ds.runtime.checkpoints import consolidated_state_dict
-from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier, init_distributed
+from flexkd_ds.runtime.dist import DistEnv, all_reduce_sum, barrier
 from flexkd_ds.runtime.engines import (
-    build_student_engine,
     build_teacher_engine,
     deepspeed_dict,
     engine_dtype,
     gathered,
     sharded_init,
 )
-from flexkd_ds.runtime.preemption import Preemption
 
 logger = logging.getLogger("flexkd_ds")
 
@@ -87,24 +86,11 @@ def model_inputs(batch: dict) -> dict:
 
 
 def run_seq2seq(cfg: DistillConfig) -> Path:
-    from flexkd_ds.jobs.distill import (
-        check_resume_config,
-        checkpoint,
-        keep_resolved_config,
-        lr_multiplier,
-        resume,
-        student_ds_dict,
-        trim_metrics,
-    )
+    from flexkd_ds.jobs.distill import keep_resolved_config, student_ds_dict
 
-    preemption = Preemption.install()
-    run_start = time.perf_counter()
-    env = init_distributed()
-    setup_logging(env)
-    out = Path(cfg.output_dir)
-    weights = ObjectiveWeights.from_config(cfg.loss)
+    run = TaskRun(cfg)
+    env, out, weights = run.env, run.out, run.weights
     t, s2 = cfg.train, cfg.seq2seq
-    check_resume_config(cfg, out / "checkpoints", env.world_size)
     if weights.uses_feature and weights.feature_loss not in ("flexkd", "cka"):
         raise ValueError(
             f"task=seq2seq supports loss.feature_loss flexkd, cka or none; got {weights.feature_loss}"
@@ -173,37 +159,14 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
     module = DistillSeq2Seq(s_model)
     module.train()
 
-    def optimizer_factory(params):
-        return torch.optim.AdamW(
-            params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay
-        )
-
-    s_engine = build_student_engine(module, s_ds, optimizer_factory, lr_multiplier(t))
-    sampler = sampling.ResumableDistributedSampler(len(train_set), rank=env.rank, world_size=env.world_size,
-                                                   seed=cfg.seed)  # fmt: skip
-    ckpt_dir = out / "checkpoints"
-    start_step = resume(cfg, s_engine, sampler, ckpt_dir, importance_hash, env)
-    if env.is_main:
-        trim_metrics(out / "metrics.jsonl", start_step)
-    metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
-    bar = tqdm(
-        total=t.max_steps, initial=start_step, desc="distill (seq2seq)", disable=not env.is_main, unit="step"
-    )
+    step = run.start_student(module, s_ds, len(train_set), importance_hash, "distill (seq2seq)")
+    s_engine = run.engine
     decoder_weights = ObjectiveWeights(**{**weights.__dict__, "logit_loss": "none", "lm_weight": 0.0})
-    step = start_step
     try:
         while step < t.max_steps:
-            sampler_before = sampler.state_dict()
-            batches = [s2s_data.collate([train_set[i] for i in sampler.next_indices(t.micro_batch_size)], pad_id,
-                                        start_id) for _ in range(t.grad_accum)]  # fmt: skip
-            local = sum(int((b["labels"] != -100).sum()) for b in batches)
-            agreed = all_reduce_sum(
-                torch.tensor([float(local), float(preemption.requested)], device=env.device)
-            )
-            if agreed[1] > 0:
-                logger.info("preemption signal: checkpointing at step %d and exiting", step)
-                sampler.load_state_dict(sampler_before)
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
+            batches = run.next_batches(train_set, lambda items: s2s_data.collate(items, pad_id, start_id))
+            tokens = run.agree(sum(int((b["labels"] != -100).sum()) for b in batches), step)
+            if tokens is None:  # preempted: checkpointed
                 return out / "student"
             lr = s_engine.get_lr()[0]
             start = time.perf_counter()
@@ -222,7 +185,7 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
                     t_logits = t_out.logits.reshape(-1, vocab).index_select(0, label_rows)[None]
                     t_enc, t_dec = t_out.encoder_last_hidden_state, t_out.decoder_hidden_states[-1]
                 s_logits, s_enc, s_dec = s_engine(model_inputs(batch), label_rows)
-                common = {"global_tokens": float(agreed[0]), "global_feature_rows": None, "grad_accum": t.grad_accum,
+                common = {"global_tokens": tokens, "global_feature_rows": None, "grad_accum": t.grad_accum,
                           "world_size": env.world_size, "all_reduce": all_reduce_sum, "projected_hidden": None}  # fmt: skip
                 enc_terms = micro_objective(
                     weights, student_logits=s_logits, teacher_logits=t_logits, labels=labels,
@@ -244,7 +207,6 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
                                      torch.ones((), dtype=torch.float64, device=env.device)])  # fmt: skip
             totals = all_reduce_sum(sums).cpu()
             step += 1
-            tokens = float(agreed[0])
             record = {"step": step, "lr": lr, "lm": float(totals[0] / tokens), "logit": float(totals[1] / tokens),
                       "feature_encoder": float(totals[2] / totals[4]), "feature_decoder": float(totals[3] / totals[4]),
                       "tokens": int(tokens), "step_s": time.perf_counter() - start}  # fmt: skip
@@ -252,19 +214,11 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
                               + weights.beta * record["logit"] * weights.uses_logit
                               + weights.alpha * (record["feature_encoder"] + record["feature_decoder"])
                               * weights.uses_feature)  # fmt: skip
-            if metrics_file is not None and (step % t.log_every == 0 or step == t.max_steps):
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
+            run.log(record)
     finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        run.close()
 
-    checkpoint(s_engine, sampler, ckpt_dir, step, importance_hash, cfg)
+    run.checkpoint(step)
     name_student(module.model.config, "student distilled", teacher.name, steps=step, output_dir=str(out))
     state = consolidated_state_dict(s_engine)
     student_dir = out / "student"
@@ -279,7 +233,7 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
             logger.info("validation (%d rows, greedy, %d new tokens at most): ROUGE-2 %.2f, ROUGE-L %.2f",
                         result["rows"], s2.generate_tokens, result["rouge2"], result["rougeL"])  # fmt: skip
         logger.info(
-            "done: %d steps in %.0f s; student %s", step, time.perf_counter() - run_start, student_dir
+            "done: %d steps in %.0f s; student %s", step, time.perf_counter() - run.start_time, student_dir
         )
     barrier()
     return student_dir
