@@ -187,7 +187,7 @@ def test_tiny_config_overrides_and_errors():
     with pytest.raises(ValueError, match="unknown config field"):
         tiny_config("opt", hidden_size=32, num_layers=1, num_heads=4, vocab_size=64, hiden_size=3)
     with pytest.raises(ValueError, match="unknown model family"):
-        tiny_config("bert", hidden_size=32, num_layers=1, num_heads=4, vocab_size=64)
+        tiny_config("mamba", hidden_size=32, num_layers=1, num_heads=4, vocab_size=64)
 
 
 def test_build_from_config_is_seeded_and_leaves_global_rng(tmp_path):

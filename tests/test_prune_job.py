@@ -57,7 +57,12 @@ def test_prune_job_writes_the_plan_applied_to_the_teacher(tmp_path):
         (["prune.intermediate_size=100000"], "prune.intermediate_size=100000 is out of range"),
         (["model.student_arch.hidden_size=64"], "d_S"),
         (["model.student_arch.hidden_size=30"], "use a multiple of 4, e.g. 28 or 32"),  # 4 heads: LlamaConfig
-        (["model.teacher_arch.family=bert"], "family"),
+        (
+            [
+                "model.teacher_arch={family: bert, hidden_size: 64, num_layers: 2, num_heads: 4, vocab_size: 259}"
+            ],
+            "family",
+        ),
     ],
 )
 def test_bad_requests_stop_before_anything_is_written(tmp_path, overrides, message):
