@@ -230,8 +230,11 @@ def train(
     if record is not None and (not need_student or (run_dir / "student" / "config.json").is_file()):
         return name
     losses, key, _ = METHODS[method]
+    # loss.fused_logits=false: the grid began before the chunked logit path became the default (issue 17);
+    # every run keeps the whole-logit path, so all records come from one computation (the two agree to
+    # rounding, tests/test_distill.py)
     overrides = [*shared(out), f"model.student={student_dir(out, args)}", f"output_dir={run_dir}", f"seed={seed}",
-                 "train.resume=never", *losses, *EXTRAS.get(extra, [])]  # fmt: skip
+                 "train.resume=never", "loss.fused_logits=false", *losses, *EXTRAS.get(extra, [])]  # fmt: skip
     if key is not None:
         overrides.append(f"loss.{key}={weight}")
     start = time.time()
