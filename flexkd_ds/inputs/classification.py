@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from flexkd_ds.inputs.data import DataError, _open_sources
+from flexkd_ds.inputs.data import DataError, labelled_records, text_field
 
 BUILTIN_CLASSIFICATION = "builtin:classification"
 CLASSIFICATION_FIELDS = ("text", "text_pair", "label")
@@ -132,39 +132,17 @@ def load_rows(name: str, split: str, fields: dict, num_labels: int, *, max_rows:
     label outside the classes, before anything is trained."""
     if name == BUILTIN_CLASSIFICATION:
         return generated_rows(num_generated, seed, num_labels)
+    pair_column = fields.get("text_pair")
+    needed = [fields["text"], fields["label"], *([pair_column] if pair_column else [])]
     rows = []
-    for label, columns, records in _open_sources(name, split, None):
-        wanted = [fields["text"], fields["label"]] + (
-            [fields["text_pair"]] if fields.get("text_pair") else []
-        )
-        if columns is not None:
-            missing = [c for c in wanted if c not in columns]
-            if missing:
-                raise DataError(
-                    f"{label}: no column {missing} (columns: {list(columns)}); map them with data.field_map "
-                    "{text: ..., text_pair: ..., label: ...}"
-                )
-        for row_number, record in records:
-            where = f"{label}, row {row_number}"
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: {record}")
-            text = record.get(fields["text"])
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{where}: column {fields['text']!r} is empty or not text")
-            pair = record.get(fields["text_pair"]) if fields.get("text_pair") else None
-            if fields.get("text_pair") and (not isinstance(pair, str) or not pair.strip()):
-                raise DataError(f"{where}: column {fields['text_pair']!r} is empty or not text")
-            if fields["label"] not in record:
-                raise DataError(f"{where}: no column {fields['label']!r}")
-            rows.append(
-                {"text": text, "text_pair": pair, "label": _label(record[fields["label"]], num_labels, where)}
-            )
-            if max_rows is not None and len(rows) >= max_rows:
-                return rows
-    if not rows:
-        raise DataError(f"{name}: no rows")
+    hint = "data.field_map {text: ..., text_pair: ..., label: ...}"
+    for where, record in labelled_records(name, split, needed, hint, max_rows):
+        if fields["label"] not in record:
+            raise DataError(f"{where}: no column {fields['label']!r}")
+        rows.append({"text": text_field(record, fields["text"], where),
+                     "text_pair": text_field(record, pair_column, where) if pair_column else None,
+                     "label": _label(record[fields["label"]], num_labels, where)})  # fmt: skip
     return rows
-
 
 def generated_rows(count: int, seed: int, num_labels: int = 2) -> list[dict]:
     """A task a tiny model can learn: strings of the letters a-d; the label is the most frequent of the first

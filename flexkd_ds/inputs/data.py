@@ -260,6 +260,36 @@ def load_instruction_rows(
     return result
 
 
+def labelled_records(name: str, split: str, columns_needed: Sequence[str], hint: str, max_rows: int | None = None):
+    """``(where, record)`` for each row of a file, directory or hub dataset whose columns include
+    ``columns_needed`` (the task datasets: classification, seq2seq). A missing column is a ``DataError`` naming
+    the source, its columns and ``hint`` (how to map them); a row that is not a record names its row. Stops
+    after ``max_rows``; a source without rows is a ``DataError``."""
+    count = 0
+    for label, columns, records in _open_sources(name, split, None):
+        missing = [c for c in columns_needed if columns is not None and c not in columns]
+        if missing:
+            raise DataError(f"{label}: no column {missing} (columns: {list(columns)}); map them with {hint}")
+        for row_number, record in records:
+            where = f"{label}, row {row_number}"
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: {record}")
+            yield where, record
+            count += 1
+            if max_rows is not None and count >= max_rows:
+                return
+    if not count:
+        raise DataError(f"{name}: no rows")
+
+
+def text_field(record: Mapping[str, Any], column: str, where: str) -> str:
+    """The non-empty text of ``column`` in ``record``, or a ``DataError`` naming the row and the column."""
+    value = record.get(column)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: column {column!r} is empty or not text")
+    return value
+
+
 def _check_columns(
     label: str, columns: Sequence[str], fmap: Mapping[str, str], need_output: bool = True
 ) -> None:

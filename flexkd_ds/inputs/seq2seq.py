@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexkd_ds.inputs.data import DataError, _open_sources
+from flexkd_ds.inputs.data import labelled_records, text_field
 
 BUILTIN_SEQ2SEQ = "builtin:seq2seq"
 
@@ -66,30 +66,9 @@ def load_rows(name: str, split: str, fields: dict, *, max_rows: int | None = Non
     an empty text, before anything is trained."""
     if name == BUILTIN_SEQ2SEQ:
         return generated_rows(num_generated, seed)
-    rows = []
-    for label, columns, records in _open_sources(name, split, None):
-        wanted = [fields["text"], fields["target"]]
-        if columns is not None and any(c not in columns for c in wanted):
-            missing = [c for c in wanted if c not in columns]
-            raise DataError(
-                f"{label}: no column {missing} (columns: {list(columns)}); map them with data.field_map "
-                "{text: <source column>, target: <summary column>}"
-            )
-        for row_number, record in records:
-            where = f"{label}, row {row_number}"
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: {record}")
-            for key in ("text", "target"):
-                value = record.get(fields[key])
-                if not isinstance(value, str) or not value.strip():
-                    raise DataError(f"{where}: column {fields[key]!r} is empty or not text")
-            rows.append({"text": record[fields["text"]], "target": record[fields["target"]]})
-            if max_rows is not None and len(rows) >= max_rows:
-                return rows
-    if not rows:
-        raise DataError(f"{name}: no rows")
-    return rows
-
+    hint = "data.field_map {text: <source column>, target: <summary column>}"
+    return [{"text": text_field(record, fields["text"], where), "target": text_field(record, fields["target"], where)}
+            for where, record in labelled_records(name, split, [fields["text"], fields["target"]], hint, max_rows)]  # fmt: skip
 
 def generated_rows(count: int, seed: int) -> list[dict]:
     """A task a tiny model can learn: the source is words of the letters a-e; the target is its first three
