@@ -237,6 +237,8 @@ def run_distill(cfg: DistillConfig) -> Path:
         )
     elif valid_set is not None and cached is not None:
         logger.info("teacher cache: the teacher's held-out NLL (a reference only) is not measured")
+    if not (weights.uses_logit or per_step):
+        live.head = None  # the chunked loss reads the teacher's head only for the logit term (and teacher_valid)
     if not (weights.uses_feature or weights.uses_logit):
         t_engine = None  # only the pruning / the responses / the reference needed it
         live.capture.remove() if live.capture is not None else None

@@ -129,11 +129,11 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
     units, importance_hash = {}, None
     if flexkd_on:
         paths = {layer: out / f"importance.{layer}.safetensors" for layer in LAYERS}
-        name = cfg.model.teacher or "random"
+        name = teacher.name
         reuse = all(
             reusable_importance(p, cfg, name, d_teacher, d_student, "seq2seq") for p in paths.values()
         )
-        scores = None if reuse else score_seq2seq(cfg, t_engine, train_set, env, pad_id, start_id, d_teacher)
+        scores = None if reuse else score_seq2seq(cfg, t_engine, train_set, env, pad_id, start_id, d_teacher, name)
         hashes = []
         for layer in LAYERS:
             path = paths[layer]
@@ -239,7 +239,9 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
     return student_dir
 
 
-def score_seq2seq(cfg, engine, dataset, env: DistEnv, pad_id: int, start_id: int, d_teacher: int) -> dict:
+def score_seq2seq(
+    cfg, engine, dataset, env: DistEnv, pad_id: int, start_id: int, d_teacher: int, teacher_name: str
+) -> dict:
     """Both layers' importance from one pass per batch over ``importance.num_examples`` seeded examples, summed
     over every rank."""
     from flexkd_ds.jobs.score import scoring_order
@@ -276,7 +278,7 @@ def score_seq2seq(cfg, engine, dataset, env: DistEnv, pad_id: int, start_id: int
     for layer, acc in accumulators.items():
         acc.load_state_tensor(all_reduce_sum(acc.state_tensor().to(env.device)))
         result[layer] = {"scores": acc.scores(), "metadata": {
-            "teacher": cfg.model.teacher or "random", "layer": f"last {layer} layer", "functional": "sum_logprobs",
+            "teacher": teacher_name, "layer": f"last {layer} layer", "functional": "sum_logprobs",
             "num_examples": str(acc.num_examples), "num_tokens": str(acc.num_tokens), "dataset": cfg.data.train,
             "seed": str(cfg.seed), "task": "seq2seq"}}  # fmt: skip
     return result
