@@ -191,12 +191,24 @@ def setup_key(args) -> dict:
 
 
 def load_record(args, name: str) -> dict | None:
-    """The run's record if it was measured in this setup (another setup's record is ignored and replaced)."""
+    """The run's record if it was measured in this setup and, once the cut exists in ``--out``, from this cut
+    (a record of another setup or another cut is ignored and replaced: every method must start from one init)."""
     path = record_path(args, name)
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("setup") == setup_key(args) else None
+    if record.get("setup") != setup_key(args):
+        return None
+    cut = current_cut(args)
+    return record if cut is None or record.get("student_sha256") == cut else None
+
+
+def current_cut(args) -> str | None:
+    """The sha256 prefix of the cut in ``--out`` (None: not cut yet, or ``--report`` without ``--out``)."""
+    out = getattr(args, "out", None)
+    if out is None or not (student_dir(Path(out).resolve(), args) / "model.safetensors").is_file():
+        return None
+    return student_sha256(Path(out).resolve(), args)
 
 
 def save_record(args, name: str, record: dict) -> None:
