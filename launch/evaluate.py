@@ -19,7 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
-from flexkd_ds.jobs.evaluate import METRICS, EvalOptions, parse_named, run_evaluate
+from flexkd_ds.jobs.evaluate import (
+    CLASSIFICATION_METRICS,
+    METRICS,
+    TASKS,
+    EvalOptions,
+    parse_named,
+    run_evaluate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,10 +117,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="DeepSpeed config for --zero3 (stage 3; default ds_configs/teacher_zero3.json)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    task = p.add_argument_group(
+        "task models (--task classification | seq2seq)",
+        "score task=classification / task=seq2seq students (or any checkpoint of those classes) on the paper's "
+        "metrics: --data NAME=SOURCE is then a preset (glue:sst2|mrpc|stsb|rte|mnli, imdb; cnn_dailymail, xsum), "
+        "builtin:classification / builtin:seq2seq, or a file; writes OUT/results.json and OUT/results.md",
+    )
+    task.add_argument(
+        "--task",
+        choices=TASKS,
+        default="causal_lm",
+        help="what the models are (default causal_lm: instruction following)",
+    )
+    task.add_argument(
+        "--num-labels",
+        type=int,
+        default=None,
+        help="classification from a file: its number of classes (1: a regression score)",
+    )
+    task.add_argument(
+        "--metric",
+        choices=CLASSIFICATION_METRICS,
+        default=None,
+        help="classification: the reported metric (default: the preset's, else accuracy)",
+    )
+    task.add_argument(
+        "--split",
+        default=None,
+        help="the split of a hub dataset (default: the preset's validation split, else test)",
+    )
+    task.add_argument("--field-map", default=None, metavar="TASK=COLUMN[,...]",
+                      help="the file's columns for text, text_pair, label (classification) or text, target "
+                      "(seq2seq), e.g. text=sentence,label=gold")  # fmt: skip
     p.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by the deepspeed launcher
     return p  # fmt: skip
+
+
+def parse_field_map(text: str | None) -> dict | None:
+    """``text=sentence,label=gold`` -> {"text": "sentence", "label": "gold"}."""
+    if not text:
+        return None
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise ValueError(f"--field-map must be TASK=COLUMN pairs separated by commas; got {text!r}")
+    return {key.strip(): column.strip() for key, column in pairs}
 
 
 def options_from_args(argv=None) -> EvalOptions:
@@ -128,6 +177,8 @@ def options_from_args(argv=None) -> EvalOptions:
             prompt_style=args.prompt_style, max_rows=args.max_rows, max_prompt_length=args.max_prompt_length,
             max_length=args.max_length, metrics=tuple(dict.fromkeys(args.metrics)), tokenizer=args.tokenizer,
             dtype=args.dtype, zero3=args.zero3, ds_config=args.ds_config, progress=not args.no_progress,
+            task=args.task, num_labels=args.num_labels, metric=args.metric, split=args.split,
+            field_map=parse_field_map(args.field_map),
         )  # fmt: skip
     except ValueError as err:
         parser.error(str(err))

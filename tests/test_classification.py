@@ -228,3 +228,42 @@ def test_a_resumed_classification_run_ends_as_the_straight_one(tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_pruned_bert_student_is_the_teachers_cut(tmp_path):
+    """task=classification with model.student_init=pruned on 2 ranks (ZeRO-3 teacher): the written student is
+    the recorded plan applied in memory to the teacher the job built (same recipe and seed), its units are the
+    importance file's, and training starts from it and exports a BertForSequenceClassification."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from flexkd_ds.inputs.config import load_config
+    from flexkd_ds.jobs.classify import load_classifier
+    from flexkd_ds.jobs.common import model_specs
+    from flexkd_ds.method import prune
+
+    overrides = ["model.student_arch={from_teacher: true, hidden_size: 32}", "model.student_init=pruned",
+                 "prune.num_layers=1", "train.max_steps=2", "train.save_every=2"]  # fmt: skip
+    out, proc = run_recipe(TINY, tmp_path, overrides)
+    record = json.loads((out / "pruned_student" / "prune.json").read_text())
+    plan = prune.PrunePlan(**record["plan"])
+    assert len(plan.layers) == 1 and len(plan.heads[0]) == 2 and len(plan.pooler) == 32
+    assert plan.units == load_file(str(out / "importance.safetensors"))["indices"].tolist()
+    teacher, _, _ = model_specs(load_config(TINY, [f"output_dir={out}", *overrides]))
+    expected = prune.prune_model(load_classifier(teacher, 2, torch.float32), plan).state_dict()
+    state = load_file(str(out / "pruned_student" / "model.safetensors"))
+    assert set(state) <= set(expected) and "classifier.weight" in state
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor.float(), expected[name].float(), rtol=0, atol=0, msg=name)
+    student = AutoModelForSequenceClassification.from_pretrained(out / "student")
+    assert type(student).__name__ == "BertForSequenceClassification" and student.config.hidden_size == 32
+    # launch/evaluate.py scores the export in one process as the 2-rank run scored its engine
+    from flexkd_ds.jobs.evaluate import EvalOptions, run_evaluate
+
+    opts = EvalOptions(models=(("pruned", str(out / "student")),), sets=(("gen", "builtin:classification"),),
+                       out=tmp_path / "eval", task="classification", progress=False)  # fmt: skip
+    result = run_evaluate(opts)["models"]["pruned"]["gen"]
+    expected = json.loads((out / "eval.json").read_text())
+    assert result["rows"] == expected["rows"] == 64
+    assert result["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+    assert "| pruned |" in (tmp_path / "eval" / "results.md").read_text()

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, BertConfig
+from transformers import AutoModelForCausalLM
 
 from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
 from flexkd_ds.method.prune import (
@@ -560,16 +560,19 @@ def test_bad_units_layers_and_sizes_are_refused():
 
 
 def test_unsupported_family_is_refused():
-    bert = BertConfig(
+    from transformers import GPTNeoXConfig
+
+    neox = GPTNeoXConfig(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         num_hidden_layers=1,
         num_attention_heads=HEADS,
         intermediate_size=FFN,
     )
-    for call in (lambda: make_plan(bert, [0, 1]), lambda: pruned_config(bert, PrunePlan("llama", [0], [0]))):
+    for call in (lambda: make_plan(neox, [0, 1]), lambda: pruned_config(neox, PrunePlan("llama", [0], [0]))):
         with pytest.raises(
-            ValueError, match=r"does not support model family 'bert'.*\['gpt2', 'llama', 'opt'\]"
+            ValueError,
+            match=r"does not support model family 'gpt_neox'.*\['bart', 'bert', 'gpt2', 'llama', 'opt'\]",
         ):
             call()
 

@@ -114,6 +114,20 @@ def test_tiny_seq2seq_two_ranks_end_to_end(tmp_path):
     ).is_file()
     model = AutoModelForSeq2SeqLM.from_pretrained(out / "student")
     assert type(model).__name__ == "BartForConditionalGeneration" and model.config.d_model == 32
+    # launch/evaluate.py --task seq2seq on the export: the run's own ROUGE on the same generated rows
+    from flexkd_ds.jobs.evaluate import EvalOptions, run_evaluate
+
+    opts = EvalOptions(models=(("student", str(out / "student")),), sets=(("gen", "builtin:seq2seq"),),
+                       out=tmp_path / "eval", task="seq2seq", max_rows=16, max_new_tokens=16, progress=False)  # fmt: skip
+    scores = run_evaluate(opts)["models"]["student"]["gen"]
+    assert scores["rows"] == 16
+    assert scores["rouge2"] == pytest.approx(result["rouge2"]) and scores["rougeL"] == pytest.approx(
+        result["rougeL"]
+    )
+    wrong = EvalOptions(models=(("student", str(out / "student")),), sets=(("gen", "builtin:classification"),),
+                        out=tmp_path / "eval2", task="classification", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="is not a sequence classifier"):
+        run_evaluate(wrong)
 
 
 def test_a_missing_column_stops_before_anything_is_written(tmp_path):
@@ -125,3 +139,40 @@ def test_a_missing_column_stops_before_anything_is_written(tmp_path):
     out, _ = run_tiny(tmp_path, [f"data.train={rows}", "data.valid=null", "train.max_steps=1",
                                  "data.field_map={text: document, target: summary}"], nprocs=1)  # fmt: skip
     assert (out / "student" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_pruned_bart_student_is_the_teachers_cut(tmp_path):
+    """task=seq2seq with model.student_init=pruned on 2 ranks: one set of units cuts both stacks (the two
+    layers' scores, each scaled to mean 1, summed), the written student is that plan applied in memory to the
+    teacher the job built, and both correlation terms pair student unit m with the unit it was cut from."""
+    from safetensors.torch import load_file
+
+    from flexkd_ds.inputs.config import load_config
+    from flexkd_ds.jobs.common import model_specs
+    from flexkd_ds.jobs.seq2seq import load_seq2seq
+    from flexkd_ds.method import prune
+
+    overrides = ["model.student_arch={from_teacher: true, hidden_size: 32}", "model.student_init=pruned",
+                 "prune.num_layers=1", "train.max_steps=2", "train.save_every=2"]  # fmt: skip
+    out, proc = run_tiny(tmp_path, overrides)
+    record = json.loads((out / "pruned_student" / "prune.json").read_text())
+    plan = prune.PrunePlan(**record["plan"])
+    assert len(plan.layers) == 2 and plan.layers[0] < 2 <= plan.layers[1]  # one of each stack
+    assert len(plan.cross_heads) == 1 and len(plan.cross_heads[0]) == 2
+    scores = [load_file(str(out / f"importance.{side}.safetensors"))["scores"].double() for side in D_LAYERS]
+    combined = sum(s / s.mean() for s in scores)
+    assert sorted(plan.units) == sorted(torch.argsort(-combined)[:32].tolist())
+    assert "both layers' student unit m" in proc.stdout
+    teacher, _, _ = model_specs(load_config(TINY, [f"output_dir={out}", *overrides]))
+    expected = prune.prune_model(load_seq2seq(teacher, torch.float32), plan).state_dict()
+    state = load_file(str(out / "pruned_student" / "model.safetensors"))
+    assert (
+        "model.encoder.layers.0.fc1.weight" in state
+        and "model.decoder.layers.0.encoder_attn.q_proj.weight" in state
+    )
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor.float(), expected[name].float(), rtol=0, atol=0, msg=name)
+
+
+D_LAYERS = ("encoder", "decoder")

@@ -511,9 +511,11 @@ class DistillConfig:
                 f"data.train={self.data.train} is instruction data; use a preset (glue:sst2, imdb, cnn_dailymail, "
                 "xsum, ...), builtin:classification / builtin:seq2seq, or a file with the task's columns",
             )
-            for key, value in (("model.student_init", self.model.resolved_student_init == "pruned"),
-                               ("teacher_cache.dir", self.teacher_cache.dir is not None)):  # fmt: skip
-                _check(not value, ("task", key), f"task={self.task} does not support {key} yet")
+            _check(
+                self.teacher_cache.dir is None,
+                ("task", "teacher_cache.dir"),
+                f"task={self.task} does not support teacher_cache.dir yet",
+            )
         _check(
             self.train.eval_every == 0 or self.data.valid is not None,
             ("train.eval_every", "data.valid"),

@@ -30,6 +30,13 @@ from flexkd_ds.inputs import classification as cls_data
 from flexkd_ds.inputs import models
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
+from flexkd_ds.jobs.prune import (
+    check_prune_request,
+    existing_pruned,
+    prune_task_student,
+    pruned_spec,
+    task_prune_batches,
+)
 from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
 from flexkd_ds.method.classification import classifier_tangent_scores, pooled_rows, regression_loss_sum
@@ -190,7 +197,10 @@ def run_classify(cfg: DistillConfig) -> Path:
     teacher, student, tokenizer = model_specs(cfg)
     check_label_sets(teacher, student, source.num_labels)
     flexkd_on = weights.feature_loss == "flexkd" and weights.uses_feature
+    pruned = cfg.model.resolved_student_init == "pruned"
     d_teacher, d_student = teacher.width, student.width
+    if pruned:
+        check_prune_request(cfg, teacher.config, d_student)
     if flexkd_on and d_student >= d_teacher:
         raise ValueError(f"flexkd selects d_S of the teacher's d_T units: d_S={d_student} >= d_T={d_teacher}")
     train_set, valid_set = load_sets(cfg, tokenizer, source)
@@ -203,7 +213,7 @@ def run_classify(cfg: DistillConfig) -> Path:
 
     t_ds = deepspeed_dict(cfg.deepspeed.teacher_config, micro_batch_size=t.micro_batch_size, grad_accum=1,
                           world_size=env.world_size, dtype=cfg.model.dtype)  # fmt: skip
-    needs_teacher = weights.uses_feature or weights.uses_logit
+    needs_teacher = weights.uses_feature or weights.uses_logit or pruned
     t_engine = None
     if needs_teacher:
         t_engine = build_teacher_engine(lambda: load_classifier(teacher, source.num_labels, engine_dtype(t_ds)),
@@ -211,7 +221,7 @@ def run_classify(cfg: DistillConfig) -> Path:
     t_pooling = pooling_of(teacher.config)
 
     unit_indices, importance_hash = None, None
-    if flexkd_on:
+    if flexkd_on or pruned:  # a pruned student is cut at the top-scored units, which flexkd then pairs as cut
         path = out / "importance.safetensors"
         if reusable_importance(path, cfg, teacher.name, d_teacher, d_student, "classification"):
             indices = importance.load_importance(path).indices  # this run's own scores (a rerun or resume)
@@ -224,9 +234,13 @@ def run_classify(cfg: DistillConfig) -> Path:
             if env.is_main:
                 importance.save_importance(path, found["scores"], indices, found["metadata"])
             barrier()
-        unit_indices = indices.to(env.device)
-        check_unit_indices(unit_indices, d_teacher, d_student)
+        if flexkd_on:
+            unit_indices = indices.to(env.device)
+            check_unit_indices(unit_indices, d_teacher, d_student)
         importance_hash = importance.importance_file_hash(path)
+        if pruned:
+            student = pruned_classifier(cfg, t_engine, teacher, tokenizer, train_set, env, pad_id, regression,
+                                        importance.load_importance(path))  # fmt: skip
 
     s_ds = student_ds_dict(cfg, env, out)
     with sharded_init(s_ds, enabled=student.source is not None):
@@ -324,6 +338,22 @@ def run_classify(cfg: DistillConfig) -> Path:
             "done: %d steps in %.0f s; student %s", step, time.perf_counter() - run.start_time, student_dir
         )
     return student_dir
+
+
+def pruned_classifier(cfg, engine, teacher: ModelSpec, tokenizer, train_set, env: DistEnv, pad_id: int,
+                      regression: bool, found: importance.ImportanceFile) -> ModelSpec:  # fmt: skip
+    """The student cut from the teacher classifier at the importance file's units (reused when this output_dir
+    already holds the same cut): its layers, heads, MLP neurons and, for BERT, pooler outputs ranked on
+    ``prune.num_examples`` training examples (``flexkd_ds.method.prune``)."""
+    student_dir = existing_pruned(cfg, teacher, found)
+    if student_dir is None:
+        batches = task_prune_batches(cfg, train_set, lambda items: cls_data.collate(items, pad_id, regression),
+                                     ("input_ids", "attention_mask"), env)  # fmt: skip
+        student_dir = prune_task_student(cfg, engine, teacher, tokenizer, found.indices.tolist(), batches, found,
+                                         env)  # fmt: skip
+    elif env.is_main:
+        logger.info("reusing the pruned student in %s", student_dir)
+    return pruned_spec(student_dir, cfg.seed)
 
 
 def reusable_importance(

@@ -40,6 +40,8 @@ logger = logging.getLogger("flexkd_ds")
 
 DECODINGS = {"greedy": ("greedy",), "sample": ("sample",), "both": ("greedy", "sample")}
 METRICS = ("rouge", "nll")
+TASKS = ("causal_lm", "classification", "seq2seq")
+CLASSIFICATION_METRICS = ("accuracy", "f1_accuracy", "pearson_spearman")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # model / set names become file names
 
 
@@ -80,8 +82,21 @@ class EvalOptions:
     zero3: bool = False
     ds_config: str = "ds_configs/teacher_zero3.json"
     progress: bool = True
+    task: str = "causal_lm"  # classification | seq2seq: flexkd_ds.jobs.evaluate_task
+    num_labels: int | None = None  # classification from a file: its classes (1: a regression score)
+    metric: str | None = (
+        None  # classification: accuracy | f1_accuracy | pearson_spearman (None: the preset's)
+    )
+    split: str | None = None  # a hub dataset's split (None: the preset's validation split, else "test")
+    field_map: dict | None = None  # the task's column names -> the file's
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {list(TASKS)}, got {self.task!r}")
+        if self.task != "causal_lm" and self.zero3:
+            raise ValueError(f"--task {self.task} runs in one process: drop --zero3")
+        if self.metric is not None and self.metric not in CLASSIFICATION_METRICS:
+            raise ValueError(f"--metric must be one of {list(CLASSIFICATION_METRICS)}, got {self.metric!r}")
         for option, pairs in (("--model", self.models), ("--data", self.sets)):
             if not pairs:
                 raise ValueError(f"give at least one {option} NAME=...")
@@ -130,6 +145,10 @@ def run_evaluate(opts: EvalOptions) -> dict | None:
     """
     from flexkd_ds.inputs import models
 
+    if opts.task != "causal_lm":
+        from flexkd_ds.jobs.evaluate_task import run_task_evaluate
+
+        return run_task_evaluate(opts)
     sets = {name: instruction_rows(path, opts.max_rows, f"--data {name}") for name, path in opts.sets}
     sources = {}
     for name, text in opts.models:

@@ -34,13 +34,25 @@ from flexkd_ds.runtime.preemption import stops_cleanly
 logger = logging.getLogger("flexkd_ds")
 
 PRUNE_FILE = "prune.json"
+TASK_FAMILIES = {  # the families each task's model class can be cut from
+    "causal_lm": ("gpt2", "llama", "opt"),
+    "classification": ("bert", "gpt2", "llama", "opt"),
+    "seq2seq": ("bart",),
+}
 
 
 def check_prune_request(cfg: DistillConfig, teacher_config, d_student: int) -> None:
     """Refuse, before anything is written, a request the teacher cannot meet: an unsupported family, d_S >= d_T,
     more layers or MLP neurons than it has, an OPT/GPT-2 width that is not whole heads, a LLaMA width that is not
-    a multiple of the head count."""
+    a multiple of the head count, a family the task's model class cannot be cut from."""
     shapes = prune.teacher_shapes(teacher_config)  # names the family when it is not supported
+    task = getattr(cfg, "task", "causal_lm")
+    if shapes.family not in TASK_FAMILIES[task]:
+        raise ValueError(
+            f"task={task}: a pruned student cannot be cut from a teacher of family {shapes.family}; this task "
+            f"prunes {list(TASK_FAMILIES[task])}, "
+            + "; ".join(f"task={t}: {list(f)}" for t, f in TASK_FAMILIES.items() if t != task)
+        )
     checks = [
         ("model.student_arch.hidden_size", d_student, shapes.d_teacher - 1, "d_S < d_T"),
         ("prune.num_layers", cfg.prune.num_layers, shapes.num_layers, "the teacher's layers"),
@@ -90,6 +102,17 @@ def prune_statistics(
     return stats
 
 
+def task_prune_batches(cfg: DistillConfig, dataset, collate, keys: tuple[str, ...], env: DistEnv):
+    """The classification / seq2seq jobs' statistics batches: the first ``prune.num_examples`` of the scoring
+    order, each rank its share; a rank's padding rows are marked out by ``example_mask``."""
+    order = scoring_order(cfg.replace(**{"importance.num_examples": cfg.prune.num_examples}), len(dataset))
+    shards = sampling.shard_for_scoring(len(order), env.rank, env.world_size, cfg.importance.batch_size)
+    for positions in tqdm(shards, desc="prune statistics", disable=not env.is_main, unit="batch"):
+        batch = collate([None if p is None else dataset[order[p]] for p in positions])
+        real = torch.tensor([p is not None for p in positions])
+        yield {k: batch[k].to(env.device) for k in keys} | {"example_mask": real.to(env.device)}
+
+
 def cut_student(engine, plan: prune.PrunePlan, env: DistEnv):
     """The student of ``plan`` on rank 0 (None elsewhere): every teacher parameter is gathered alone and
     sliced at once, so the peak is the student plus one teacher tensor."""
@@ -106,7 +129,7 @@ def cut_student(engine, plan: prune.PrunePlan, env: DistEnv):
     if not env.is_main:
         return None
     buffers = {n: b.detach().cpu() for n, b in teacher.named_buffers() if n not in persistent}
-    return prune.assemble_student(teacher.config, plan, state, buffers)
+    return prune.assemble_student(teacher.config, plan, state, buffers, model_class=type(teacher))
 
 
 def prune_student(
@@ -120,10 +143,26 @@ def prune_student(
     found: importance.ImportanceFile,
 ) -> Path:
     """Measure, plan, cut and write the pruned student; returns its directory (on every rank)."""
-    out = cfg.prune.resolved_dir(cfg.output_dir)
     units = found.indices.tolist()
     start = time.perf_counter()
     stats = prune_statistics(cfg, engine, dataset, env, pad_id, units)
+    return write_pruned(cfg, engine, teacher, tokenizer, units, stats, found, env, start)
+
+
+def prune_task_student(cfg: DistillConfig, engine, teacher: ModelSpec, tokenizer, units: list[int], batches,
+                       found: importance.ImportanceFile, env: DistEnv) -> Path:  # fmt: skip
+    """The classification / seq2seq jobs' pruned student (``task_prune_batches``): statistics over all ranks,
+    the plan, the cut of the teacher's own class; returns its directory (on every rank)."""
+    start = time.perf_counter()
+    stats = prune.collect_prune_statistics(engine, batches, units)
+    stats.load_state_tensor(all_reduce_sum(stats.state_tensor().to(env.device)).cpu())
+    return write_pruned(cfg, engine, teacher, tokenizer, units, stats, found, env, start)
+
+
+def write_pruned(cfg: DistillConfig, engine, teacher: ModelSpec, tokenizer, units: list[int],
+                 stats: prune.PruneStatistics, found: importance.ImportanceFile, env: DistEnv, start: float) -> Path:  # fmt: skip
+    """Plan by ``stats``, cut, and write the student dir with its ``prune.json`` (rank 0); every rank waits."""
+    out = cfg.prune.resolved_dir(cfg.output_dir)
     plan = prune.make_plan(
         teacher.config,
         units,
@@ -265,6 +304,11 @@ def run_prune(cfg: DistillConfig) -> Path:
     from flexkd_ds.jobs.score import score_teacher, summarize, write_importance
     from flexkd_ds.runtime.dist import init_distributed
 
+    if cfg.task != "causal_lm":
+        raise ValueError(
+            f"launch/prune.py cuts causal LMs; for task={cfg.task} run launch/distill.py with "
+            "model.student_init=pruned: it cuts the student (written to prune.dir) before training"
+        )
     if cfg.model.student is not None:
         raise ValueError(
             f"model.student={cfg.model.student!r} names a pretrained student; the prune job cuts one from the "

@@ -25,6 +25,13 @@ from flexkd_ds.inputs import seq2seq as s2s_data
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.classify import reusable_importance
 from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
+from flexkd_ds.jobs.prune import (
+    check_prune_request,
+    existing_pruned,
+    prune_task_student,
+    pruned_spec,
+    task_prune_batches,
+)
 from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
 from flexkd_ds.method.losses import check_unit_indices
@@ -98,7 +105,10 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
     source = s2s_data.resolve_source(cfg.data)
     teacher, student, tokenizer = model_specs(cfg)
     flexkd_on = weights.feature_loss == "flexkd" and weights.uses_feature
+    pruned = cfg.model.resolved_student_init == "pruned"
     d_teacher, d_student = teacher.width, student.width
+    if pruned:
+        check_prune_request(cfg, teacher.config, d_student)
     if flexkd_on and d_student >= d_teacher:
         raise ValueError(f"flexkd selects d_S of the teacher's d_T units: d_S={d_student} >= d_T={d_teacher}")
     rows = s2s_data.load_rows(source.train, source.train_split, source.fields, max_rows=cfg.data.max_train_rows,
@@ -122,18 +132,20 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
     t_ds = deepspeed_dict(cfg.deepspeed.teacher_config, micro_batch_size=t.micro_batch_size, grad_accum=1,
                           world_size=env.world_size, dtype=cfg.model.dtype)  # fmt: skip
     t_engine = None
-    if weights.uses_feature or weights.uses_logit:
+    if weights.uses_feature or weights.uses_logit or pruned:
         t_engine = build_teacher_engine(lambda: load_seq2seq(teacher, engine_dtype(t_ds)), t_ds,
                                         sharded=teacher.source is not None)  # fmt: skip
 
     units, importance_hash = {}, None
-    if flexkd_on:
+    if flexkd_on or pruned:
         paths = {layer: out / f"importance.{layer}.safetensors" for layer in LAYERS}
         name = teacher.name
         reuse = all(
             reusable_importance(p, cfg, name, d_teacher, d_student, "seq2seq") for p in paths.values()
         )
-        scores = None if reuse else score_seq2seq(cfg, t_engine, train_set, env, pad_id, start_id, d_teacher, name)
+        scores = (
+            None if reuse else score_seq2seq(cfg, t_engine, train_set, env, pad_id, start_id, d_teacher, name)
+        )
         hashes = []
         for layer in LAYERS:
             path = paths[layer]
@@ -148,9 +160,22 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
                 if env.is_main:
                     importance.save_importance(path, scores[layer]["scores"], indices, meta)
                 barrier()
-            units[layer] = indices.to(env.device)
-            check_unit_indices(units[layer], d_teacher, d_student)
+            if flexkd_on:
+                units[layer] = indices.to(env.device)
+                check_unit_indices(units[layer], d_teacher, d_student)
             hashes.append(importance.importance_file_hash(path))
+        if pruned:
+            found = cut_importance(cfg, paths, out / "importance.cut.safetensors", d_student, env)
+            hashes.append(importance.importance_file_hash(found.path))
+            student = pruned_seq2seq(
+                cfg, t_engine, teacher, tokenizer, train_set, env, pad_id, start_id, found
+            )
+            if (
+                flexkd_on and cfg.loss.unit_pairing != "importance"
+            ):  # both terms pair student unit m as it was cut
+                units = {layer: found.indices.to(env.device) for layer in LAYERS}
+                logger.info("flexkd pairs both layers' student unit m with teacher unit units[m], the unit it "
+                            "was cut from; loss.unit_pairing=importance re-selects each layer's by importance")  # fmt: skip
         importance_hash = " ".join(hashes)
 
     s_ds = student_ds_dict(cfg, env, out)
@@ -237,6 +262,46 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
         )
     barrier()
     return student_dir
+
+
+def cut_importance(
+    cfg, paths: dict, cut_path: Path, d_student: int, env: DistEnv
+) -> importance.ImportanceFile:
+    """The units a pruned BART keeps. Its one width and tied embedding serve both stacks, so one set of units cuts
+    both: each layer's scores scaled to mean 1 (their scales differ) and summed, the top d_S. Written beside the
+    two layers' files (reused on a rerun)."""
+    layers = {layer: importance.load_importance(path) for layer, path in paths.items()}
+    scores = sum(
+        found.scores.double() / found.scores.double().mean().clamp_min(1e-30) for found in layers.values()
+    )
+    scores = scores.float()
+    if cut_path.is_file() and not cfg.importance.recompute:
+        kept = importance.load_importance(cut_path)
+        if torch.equal(kept.scores, scores) and kept.indices.numel() == d_student:
+            return kept
+    indices = importance.select_units(scores, d_student)
+    meta = {**layers["decoder"].metadata, "layer": "last encoder and last decoder layer (each scaled to mean 1, summed)",
+            "tail_mass": f"{importance.tail_mass(scores, d_student):.6f}"}  # fmt: skip
+    if env.is_main:
+        importance.save_importance(cut_path, scores, indices, meta)
+    barrier()
+    return importance.load_importance(cut_path)
+
+
+def pruned_seq2seq(cfg, engine, teacher: ModelSpec, tokenizer, train_set, env: DistEnv, pad_id: int, start_id: int,
+                   found: importance.ImportanceFile) -> ModelSpec:  # fmt: skip
+    """The BART student cut from the teacher at ``found``'s units: ``prune.num_layers`` layers of each stack,
+    heads, cross-attention heads and MLP neurons ranked on ``prune.num_examples`` training examples."""
+    student_dir = existing_pruned(cfg, teacher, found)
+    if student_dir is None:
+        batches = task_prune_batches(cfg, train_set, lambda items: s2s_data.collate(items, pad_id, start_id),
+                                     ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
+                                     env)  # fmt: skip
+        student_dir = prune_task_student(cfg, engine, teacher, tokenizer, found.indices.tolist(), batches, found,
+                                         env)  # fmt: skip
+    elif env.is_main:
+        logger.info("reusing the pruned student in %s", student_dir)
+    return pruned_spec(student_dir, cfg.seed)
 
 
 def score_seq2seq(

@@ -42,43 +42,55 @@ def _split_prefix(name: str, family: _Family) -> tuple[str, str]:
     return prefix, name[len(prefix) :]
 
 
-_LAYER_NAME = re.compile(r"^(?P<list>[a-z]+)\.(?P<index>\d+)\.(?P<rest>.+)$")
+def _layer_of(core: str, family: _Family) -> tuple[int, int, str] | None:
+    """(stack, layer index in the teacher's stack, the rest of the name) of a layer tensor's name, else None."""
+    for stack, path in enumerate(family.stacks):
+        match = re.match(rf"^{re.escape(path)}\.(\d+)\.(.+)$", core)
+        if match:
+            return stack, int(match[1]), match[2]
+    return None
 
 
-def _route(name: str, plan: PrunePlan, shapes: _Shapes) -> tuple[str | None, object, int | None, str | None]:
-    """(student name or None when dropped, rule, student layer, norm-scale key) of teacher tensor ``name``."""
+def _route(name: str, plan: PrunePlan, shapes: _Shapes) -> tuple:
+    """(student name or None when dropped, rule, flat kept-layer position, stack-local student layer, norm-scale
+    key) of teacher tensor ``name``; the two layer positions are None outside the layers."""
     family = FAMILIES[shapes.family]
     prefix, core = _split_prefix(name, family)
-    match = _LAYER_NAME.match(core)
-    if match and match["list"] == family.layers:
-        rest, teacher_layer = match["rest"], int(match["index"])
+    found = _layer_of(core, family)
+    if found is not None:
+        stack, local, rest = found
         rule = family.layer_rules.get(rest)
         if rule is None:
             raise ValueError(f"unknown {shapes.family} layer tensor {name!r}: no pruning rule for {rest!r}")
-        if teacher_layer >= shapes.num_layers:
+        if local >= shapes.stacks[stack]:
             raise ValueError(
-                f"tensor {name!r} is in layer {teacher_layer} but the teacher has {shapes.num_layers}"
+                f"tensor {name!r} is in layer {local} but the teacher has {shapes.stacks[stack]}"
             )
+        teacher_layer = shapes.offset(stack) + local
         if rule == DROP or teacher_layer not in plan.layers:
-            return None, rule, None, None
-        layer = plan.layers.index(teacher_layer)
+            return None, rule, None, None, None
+        position = plan.layers.index(teacher_layer)
+        student_layer = sum(shapes.stack_of(i) == stack for i in plan.layers[:position])
         norm = rest.rsplit(".", 1)[0] if rest.endswith(".weight") else None
-        key = f"{family.layers}.{teacher_layer}.{norm}" if norm in family.layer_norms else None
-        return f"{prefix}{family.layers}.{layer}.{rest}", rule, layer, key
+        path = family.stacks[stack]
+        key = f"{path}.{local}.{norm}" if norm in family.layer_norms else None
+        return f"{prefix}{path}.{student_layer}.{rest}", rule, position, student_layer, key
     rule = family.global_rules.get(core)
     if rule is None:
         raise ValueError(
             f"unknown {shapes.family} tensor {name!r}: no pruning rule for it (supported names: "
             f"{sorted(family.global_rules)} and per-layer {sorted(family.layer_rules)})"
         )
-    key = family.final_norm if core == f"{family.final_norm}.weight" else None
-    return (None if rule == DROP else name), rule, None, key
+    norm = core.rsplit(".", 1)[0] if core.endswith(".weight") else None
+    key = norm if norm in family.global_norms else None
+    return (None if rule == DROP else name), rule, None, None, key
 
 
 def _selection(
-    selector: str, plan: PrunePlan, shapes: _Shapes, layer: int | None
+    selector: str, plan: PrunePlan, shapes: _Shapes, layer: int | None, stack_layer: int | None
 ) -> tuple[int, list[int] | None]:
-    """(teacher size of the dim, kept indices in student order or None for all) for one rule letter."""
+    """(teacher size of the dim, kept indices in student order or None for all) for one rule letter; ``layer``
+    is the flat kept-layer position, ``stack_layer`` the position among its stack's kept layers."""
     residual_units = None if shapes.projected else plan.units
     if selector == "E":
         return shapes.d_teacher, plan.units
@@ -86,11 +98,16 @@ def _selection(
         return shapes.residual, residual_units
     if selector == "N":
         return shapes.intermediate, None if plan.mlp_neurons is None else plan.mlp_neurons[layer]
-    heads = None if plan.heads is None else plan.heads[layer]
+    if selector == "P":
+        return shapes.pooler, plan.pooler
+    if selector == "X":
+        heads = None if plan.cross_heads is None else plan.cross_heads[stack_layer]
+    else:
+        heads = None if plan.heads is None else plan.heads[layer]
     channels = (
         None if heads is None else [h * shapes.head_dim + c for h in heads for c in range(shapes.head_dim)]
     )
-    if selector == "H":
+    if selector in "HX":
         return shapes.num_heads * shapes.head_dim, channels
     width = shapes.residual  # "Q": GPT-2's c_attn output is q | k | v, each (heads * head_dim)
     return 3 * width, None if channels is None else [part * width + c for part in range(3) for c in channels]
@@ -108,14 +125,16 @@ def prune_tensor(
     Raises ``ValueError`` for an unknown name or a shape that does not fit the teacher config.
     """
     shapes = teacher_shapes(teacher_config)
-    new_name, rule, layer, norm_key = _route(name, plan, shapes)
+    new_name, rule, layer, stack_layer, norm_key = _route(name, plan, shapes)
     if new_name is None:
         return []
     if rule == KEEP:
         return [(new_name, tensor)]
     if tensor.dim() != len(rule):
         raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; expected {len(rule)} dims")
-    selections = [(dim, *_selection(s, plan, shapes, layer)) for dim, s in enumerate(rule) if s is not None]
+    selections = [
+        (dim, *_selection(s, plan, shapes, layer, stack_layer)) for dim, s in enumerate(rule) if s is not None
+    ]
     for dim, size, _ in selections:
         if tensor.shape[dim] != size:
             raise ValueError(
@@ -136,14 +155,27 @@ def prune_tensor(
     return [(new_name, tensor)]
 
 
-def _meta_student(config: PretrainedConfig) -> PreTrainedModel:
+def _student_class(config: PretrainedConfig, model_class: type | None = None) -> type:
+    """``model_class``, else the config's first architecture (``BertForSequenceClassification``, ...), else
+    ``AutoModelForCausalLM``."""
+    if model_class is not None:
+        return model_class
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    return getattr(transformers, names[0], AutoModelForCausalLM) if names else AutoModelForCausalLM
+
+
+def _meta_student(config: PretrainedConfig, model_class: type | None = None) -> PreTrainedModel:
+    cls = _student_class(config, model_class)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
 
 def prune_model(teacher: torch.nn.Module, plan: PrunePlan) -> PreTrainedModel:
     """The student of ``plan`` cut from an in-memory ``teacher`` (full parameters), in its dtype and device,
-    in eval mode; its embeddings and LM head are tied when the teacher's config ties them."""
+    in eval mode, of the teacher's class (a causal LM, a sequence classifier, a seq2seq LM); its embeddings and
+    LM head are tied when the teacher's config ties them."""
     teacher = _unwrap(teacher)
     if any(getattr(p, "ds_numel", None) is not None for p in teacher.parameters()):
         raise ValueError("the teacher's parameters are ZeRO-3 partitions: save it and use prune_checkpoint")
@@ -152,7 +184,7 @@ def prune_model(teacher: torch.nn.Module, plan: PrunePlan) -> PreTrainedModel:
     for name, tensor in state.items():
         student_state.update(prune_tensor(name, tensor.detach(), plan, teacher.config))
     buffers = {name: b for name, b in teacher.named_buffers() if name not in state}
-    return assemble_student(teacher.config, plan, student_state, buffers)
+    return assemble_student(teacher.config, plan, student_state, buffers, model_class=type(teacher))
 
 
 def assemble_student(
@@ -160,19 +192,27 @@ def assemble_student(
     plan: PrunePlan,
     student_state: Mapping[str, Tensor],
     teacher_buffers: Mapping[str, Tensor],
+    *,
+    model_class: type | None = None,
 ) -> PreTrainedModel:
     """The student of ``plan`` from tensors already cut by ``prune_tensor`` (student names; a tied LM head may
     be left out), in their dtype and device, in eval mode. ``teacher_buffers``: the teacher's non-persistent
-    buffers (rotary ``inv_freq``; teacher names), which no state dict holds and are passed through."""
+    buffers (rotary ``inv_freq``; teacher names), which no state dict holds and are passed through.
+    ``model_class``: the student's class (the teacher's; None: the config's architecture, else a causal LM)."""
     config = pruned_config(teacher_config, plan)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     first = next(iter(student_state.values()))
-    student = _meta_student(config).to(first.dtype)
+    student = _meta_student(config, model_class).to(first.dtype)
+    groups: dict[
+        int, set[str]
+    ] = {}  # tied parameters (LM head = embedding; BART's three embeddings) by identity
+    for name, param in student.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), set()).add(name)
     student.to_empty(device=first.device)
     missing, unexpected = student.load_state_dict(dict(student_state), strict=False)
-    head = student.get_output_embeddings()
-    head_names = {f"{n}.weight" for n, m in student.named_modules() if m is head}
-    missing = [m for m in missing if not (tied and m in head_names)]
+    loaded = set(student_state)
+    aliases = {name: group - {name} for group in groups.values() for name in group}
+    missing = [m for m in missing if not (tied and aliases.get(m, set()) & loaded)]
     if missing or unexpected:
         raise ValueError(
             f"the cut tensors do not fit the student: missing {missing}, unexpected {unexpected}"
@@ -224,13 +264,15 @@ def prune_checkpoint(
     *,
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
+    model_class: type | None = None,
 ) -> Path:
     """Write the student of ``plan`` from the HF safetensors checkpoint in ``src_dir`` to ``dst_dir``.
 
     Reads one tensor at a time (``safe_open``), so the teacher is never whole in memory; the student is held
     one output shard at a time. Writes ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards
     and ``model.safetensors.index.json`` past ``max_shard_size``), ``config.json`` and a copy of
-    ``generation_config.json``. ``dtype`` casts floating tensors (None: as stored). Returns ``dst_dir``.
+    ``generation_config.json``. ``dtype`` casts floating tensors (None: as stored). ``model_class``: the
+    student's class (None: the config's first architecture). Returns ``dst_dir``.
     """
     src, dst = Path(src_dir), Path(dst_dir)
     files = _source_files(src)
@@ -248,9 +290,13 @@ def prune_checkpoint(
         with safe_open(file, framework="pt") as reader:
             names += list(reader.keys())
     written = {_split_prefix(new, family)[1] for new in (_route(n, plan, shapes)[0] for n in names) if new}
-    missing = {_split_prefix(name, family)[1] for name in _meta_student(config).state_dict()} - written
-    if getattr(config, "tie_word_embeddings", False):
-        missing.discard("lm_head.weight")
+    meta = _meta_student(config, model_class)
+    missing = {_split_prefix(name, family)[1] for name in meta.state_dict()} - written
+    if getattr(config, "tie_word_embeddings", False):  # aliases of a tensor the checkpoint holds
+        groups: dict[int, set[str]] = {}
+        for name, param in meta.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), set()).add(_split_prefix(name, family)[1])
+        missing = {m for m in missing if not any(m in g and g & written for g in groups.values())}
     if missing:
         raise ValueError(f"{src} lacks tensors the student needs: {sorted(missing)[:8]}")
 
