@@ -132,18 +132,27 @@ def resolve_models(cfg: DistillConfig) -> tuple[ResolvedModel, ResolvedModel]:
     return teacher, ResolvedModel("student", "random student", origin, s_config)
 
 
-def model_shape(config: PretrainedConfig, name: str) -> ModelShape:
+def model_shape(config: PretrainedConfig, name: str, task: str = "causal_lm", num_labels: int = 0) -> ModelShape:
     """Build the model on the meta device (no memory, no weights) and read off what the planner needs.
-    Cached per (name, config): tests and repeated plans of one recipe build each model once."""
-    return _model_shape(name, config.to_json_string(use_diff=False))
+    Cached per (name, config): tests and repeated plans of one recipe build each model once.
+
+    ``task``: the model class (``AutoModelForCausalLM``, ``...ForSequenceClassification`` with ``num_labels``
+    outputs, ``...ForSeq2SeqLM``). A classifier's "vocabulary" is its classes (the rows of its head, what the
+    logit and supervised terms are over); an encoder-decoder's layers are both stacks'."""
+    return _model_shape(name, config.to_json_string(use_diff=False), task, num_labels)
 
 
 @functools.lru_cache(maxsize=32)
-def _model_shape(name: str, config_json: str) -> ModelShape:
+def _model_shape(name: str, config_json: str, task: str = "causal_lm", num_labels: int = 0) -> ModelShape:
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
     raw = json.loads(config_json)
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    if task == "classification":
+        config.num_labels = num_labels
+    auto = {"classification": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.get(task, AutoModelForCausalLM).from_config(config)
     tensors = list(model.parameters())  # unique: a tied embedding / LM head counts once
     largest = max(sum(p.numel() for p in mod.parameters(recurse=False)) for mod in model.modules())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -154,12 +163,16 @@ def _model_shape(name: str, config_json: str) -> ModelShape:
                4 * hidden)  # fmt: skip
     dropout = any((getattr(text, k, 0) or 0) > 0 for k in ("dropout", "resid_pdrop", "hidden_dropout"))
     gated = any("gate" in n.rsplit(".", 1)[-1] for n, _ in model.named_modules())
+    layers = int(text.num_hidden_layers)
+    if getattr(text, "is_encoder_decoder", False):  # both stacks (BART: encoder_layers + decoder_layers)
+        layers = int(getattr(text, "encoder_layers", layers)) + int(getattr(text, "decoder_layers", layers))
     return ModelShape(
         name=name, model_type=str(getattr(text, "model_type", "?")), params=sum(p.numel() for p in tensors),
         tensor_numels=tuple(p.numel() for p in tensors), largest_module_params=largest, hidden_size=hidden,
-        head_input_size=models.lm_head_input_size(config), num_layers=int(text.num_hidden_layers),
+        head_input_size=models.lm_head_input_size(config), num_layers=layers,
         num_heads=heads, kv_dim=kv_heads * head_dim, ffn_dim=int(ffn), gated_mlp=gated, dropout=dropout,
-        vocab_size=models.vocab_size(model), max_positions=models.max_positions(config),
+        vocab_size=num_labels if task == "classification" else models.vocab_size(model),
+        max_positions=models.max_positions(config),
     )  # fmt: skip
 
 
@@ -390,21 +403,18 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
             raise PlanError(f"{name} must be a positive integer; got {value!r}")
     if not gpu_mem_gib > 0:
         raise PlanError(f"--gpu-mem-gb must be > 0; got {gpu_mem_gib!r}")
-    if cfg.task != "causal_lm":
-        raise PlanError(
-            f"task={cfg.task}: the planner models causal-LM distillation (its logits, activations and teacher "
-            "passes); a classifier run needs its two models' ZeRO states plus per-example buffers of "
-            "(batch x classes) and (batch x d) only: plan the same teacher / student pair with task=causal_lm "
-            "for an upper bound"
-        )
     report = PlanReport(nodes, gpus_per_node, float(gpu_mem_gib))
     teacher, student = resolve_models(cfg)
-    t, s = model_shape(teacher.config, teacher.name), model_shape(student.config, student.name)
+    num_labels = task_labels(cfg)
+    t = model_shape(teacher.config, teacher.name, cfg.task, num_labels)
+    s = model_shape(student.config, student.name, cfg.task, num_labels)
     for rm, shape in ((teacher, t), (student, s)):
         report.models[rm.role] = {"name": rm.name, "config": rm.origin, "params": shape.params,
             "d_head_input": shape.head_input_size, "layers": shape.num_layers, "vocab": shape.vocab_size,
             "max_positions": shape.max_positions, "model_type": shape.model_type}  # fmt: skip
     report.errors, report.warnings, report.checks = check_pair(cfg, teacher, student, t, s)
+    if cfg.task != "causal_lm":
+        report.warnings.append(TASK_BOUNDS[cfg.task])
     if uses_teacher_cache(cfg):
         report.errors += check_cache(cfg, teacher)
     elif cfg.teacher_cache.dir is not None:
@@ -465,6 +475,28 @@ def plan(cfg: DistillConfig, *, nodes: int, gpus_per_node: int, gpu_mem_gib: flo
         report.teacher_placement = teacher_placement(planner, base, t, cfg.train.grad_accum)
     report.before_training = before_training(cfg, t, s, t_zero, gpu_mem_gib, report.teacher_cache)
     return report
+
+
+TASK_BOUNDS = {
+    "classification": "task=classification: the model states are exact (the classifier class); the step's "
+    "buffers are planned as if every token had logits over the classes, and the feature terms as if every "
+    "token were a feature row: upper bounds, since a classifier reads one row per example",
+    "seq2seq": "task=seq2seq: the model states are exact (the seq2seq class, both stacks); activations are "
+    "planned for both stacks at data.max_length tokens and the logit terms for data.max_length decoder tokens: "
+    "upper bounds, since targets are at most seq2seq.max_target_length",
+}
+
+
+def task_labels(cfg: DistillConfig) -> int:
+    """The classifier's outputs for task=classification (the preset's, or classify.num_labels), else 0."""
+    if cfg.task != "classification":
+        return 0
+    from flexkd_ds.inputs import classification as cls_data
+
+    try:
+        return cls_data.resolve_source(cfg.data, cfg.classify).num_labels
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def teacher_placement(planner: _Planner, base: Scenario, t: ModelShape, grad_accum: int) -> dict:
