@@ -16,6 +16,10 @@ again; an interrupted run starts again from its start). The shared settings: ``b
            its LM head alone from the safetensors.
 2. prune   ``launch/prune.py`` cuts the student (``--width`` units of 576, the yaml's ``prune.num_layers``
            layers) from SmolLM2-135M-Instruct: the one initialisation every method and seed starts from.
+           Its plan and weight hash are committed (``--records/cut-w<width>.json``); a later session, on
+           another machine, applies that plan to the teacher and checks the hash instead of ranking again
+           (the ranking runs the teacher in bf16 and differed across machines), and records of another cut
+           are ignored.
 3. cache   ``launch/cache_teacher.py`` writes the teacher's LM-head inputs for the train rows (the teacher in
            bf16, as every run computes in bf16; stored in fp32).
 4. select  seed 1, each method x weight of its grid (the paper's value included):
@@ -158,14 +162,64 @@ def student_dir(out: Path, args) -> Path:
     return out / f"prune-w{args.width}" / "pruned_student"
 
 
+def committed_cut(args) -> Path:
+    """The cut the grid's records start from (its prune.json and the sha256 of its weights), in git: the prune
+    stage's ranking runs the teacher in bf16 and does not reproduce across machines, applying a plan does."""
+    return Path(args.records) / f"cut-w{args.width}.json"
+
+
 def stage_prune(out: Path, args) -> None:
     if (student_dir(out, args) / "prune.json").is_file():
+        return
+    if committed_cut(args).is_file():
+        rebuild_cut(out, args)
         return
     cut = ["model.student_init=pruned", f"model.student_arch={{from_teacher: true, hidden_size: {args.width}}}",
            f"output_dir={student_dir(out, args).parent}", f"data.train={out / 'data' / 'train.jsonl'}",
            f"data.valid={out / 'data' / 'dev.jsonl'}",
            f"model.teacher={teacher_dir(out)}"]  # fmt: skip
     run(deepspeed("launch/prune.py", cut, args), out / "logs" / "prune.log", args)
+
+
+def rebuild_cut(out: Path, args) -> None:
+    """The committed plan applied to the teacher as the prune job applies it (bf16, as its teacher engine holds
+    the weights); stops unless the weights hash to the committed sha256."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flexkd_ds.method import prune
+
+    saved = json.loads(committed_cut(args).read_text())
+    record = {**saved["prune_json"], "teacher": str(teacher_dir(out))}  # the name distill checks the cut against
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir(out), dtype=torch.bfloat16)
+    student = prune.prune_model(teacher, prune.PrunePlan(**record["plan"]))
+    tmp = student_dir(out, args).with_name(".pruned_student.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    from flexkd_ds.inputs import models
+
+    models.load_tokenizer(models.resolve_model_source(str(teacher_dir(out)))).save_pretrained(tmp)
+    got = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()[:16]
+    if got != saved["student_sha256"]:
+        sys.exit(f"the committed cut rebuilt to weights {got}, not {saved['student_sha256']}: the teacher dir "
+                 f"differs from the one the cut was made from; records of {saved['student_sha256']} cannot be "
+                 "continued here")  # fmt: skip
+    (tmp / "prune.json").write_text(json.dumps(record, indent=1))
+    tmp.rename(student_dir(out, args))
+    print(f"prune: rebuilt the committed cut {got} from {committed_cut(args)}")
+
+
+def save_cut(out: Path, args) -> None:
+    """Commit-able copy of the cut in --out (its prune.json and weight hash), written once."""
+    path = committed_cut(args)
+    if path.is_file() or not (student_dir(out, args) / "prune.json").is_file():
+        return
+    record = json.loads((student_dir(out, args) / "prune.json").read_text())
+    record["teacher"] = "<out>/teacher"
+    for key in ("importance_file",):
+        record[key] = str(record[key]).replace(str(out), "<out>")
+    record["calibration"]["data"] = str(record["calibration"]["data"]).replace(str(out), "<out>")
+    path.write_text(json.dumps({"student_sha256": student_sha256(out, args), "prune_json": record}, indent=1))
 
 
 def stage_cache(out: Path, args) -> None:
@@ -524,7 +578,8 @@ def main(argv=None) -> None:
         )
     if not args.report:
         steps = {"data": lambda: stage_data(out), "prune": lambda: stage_prune(out, args),
-                 "cache": lambda: stage_cache(out, args), "select": lambda: stage_select(out, args),
+                 "cache": lambda: (save_cut(out, args), stage_cache(out, args)),
+                 "select": lambda: stage_select(out, args),
                  "seeds": lambda: stage_seeds(out, args), "extras": lambda: stage_extras(out, args),
                  "eval": lambda: stage_eval(out, args)}  # fmt: skip
         for stage, step in steps.items():
