@@ -112,7 +112,7 @@ def load_teacher(source: str, device: str):
 def base_model(model):
     """The model without its LM head (LLaMA ``model``, OPT ``model.decoder``, GPT-2 ``transformer``): its
     ``last_hidden_state`` is the LM-head input."""
-    return model.get_submodule(prune.FAMILIES[prune.teacher_shapes(model.config).family].base)
+    return model.get_submodule(prune.FAMILIES[prune.teacher_shapes(model.config).family].root)
 
 
 def head_input(model, batch) -> torch.Tensor:
