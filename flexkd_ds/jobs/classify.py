@@ -30,13 +30,7 @@ from flexkd_ds.inputs import classification as cls_data
 from flexkd_ds.inputs import models
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
-from flexkd_ds.jobs.prune import (
-    check_prune_request,
-    existing_pruned,
-    prune_task_student,
-    pruned_spec,
-    task_prune_batches,
-)
+from flexkd_ds.jobs.prune import check_prune_request, task_pruned_spec
 from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
 from flexkd_ds.method.classification import classifier_tangent_scores, pooled_rows, regression_loss_sum
@@ -345,15 +339,9 @@ def pruned_classifier(cfg, engine, teacher: ModelSpec, tokenizer, train_set, env
     """The student cut from the teacher classifier at the importance file's units (reused when this output_dir
     already holds the same cut): its layers, heads, MLP neurons and, for BERT, pooler outputs ranked on
     ``prune.num_examples`` training examples (``flexkd_ds.method.prune``)."""
-    student_dir = existing_pruned(cfg, teacher, found)
-    if student_dir is None:
-        batches = task_prune_batches(cfg, train_set, lambda items: cls_data.collate(items, pad_id, regression),
-                                     ("input_ids", "attention_mask"), env)  # fmt: skip
-        student_dir = prune_task_student(cfg, engine, teacher, tokenizer, found.indices.tolist(), batches, found,
-                                         env)  # fmt: skip
-    elif env.is_main:
-        logger.info("reusing the pruned student in %s", student_dir)
-    return pruned_spec(student_dir, cfg.seed)
+    return task_pruned_spec(cfg, engine, teacher, tokenizer, train_set,
+                            lambda items: cls_data.collate(items, pad_id, regression), ("input_ids", "attention_mask"),
+                            found, env)  # fmt: skip
 
 
 def reusable_importance(

@@ -143,19 +143,13 @@ def run_evaluate(opts: EvalOptions) -> dict | None:
     resolved. ``zero3``: run under ``deepspeed``; each model is sharded as a ZeRO-3 inference engine, the
     prompts and NLL rows are split over ranks (padded so every rank calls generate / forward equally often).
     """
-    from flexkd_ds.inputs import models
 
     if opts.task != "causal_lm":
         from flexkd_ds.jobs.evaluate_task import run_task_evaluate
 
         return run_task_evaluate(opts)
     sets = {name: instruction_rows(path, opts.max_rows, f"--data {name}") for name, path in opts.sets}
-    sources = {}
-    for name, text in opts.models:
-        try:
-            sources[name] = models.resolve_model_source(text)
-        except (OSError, ValueError) as err:
-            raise type(err)(f"--model {name}={text}: {err}") from err
+    sources = resolve_sources(opts)
     env = None
     if opts.zero3:
         from flexkd_ds.runtime.dist import init_distributed
@@ -178,6 +172,19 @@ def run_evaluate(opts: EvalOptions) -> dict | None:
     (opts.out / "results.md").write_text(markdown_report(results))
     logger.info("wrote %s and %s", opts.out / "results.json", opts.out / "results.md")
     return results
+
+
+def resolve_sources(opts: EvalOptions) -> dict:
+    """``--model NAME=SOURCE`` -> resolved model sources; an error names the option."""
+    from flexkd_ds.inputs import models
+
+    sources = {}
+    for name, text in opts.models:
+        try:
+            sources[name] = models.resolve_model_source(text)
+        except (OSError, ValueError) as err:
+            raise type(err)(f"--model {name}={text}: {err}") from err
+    return sources
 
 
 def _evaluate_model(opts: EvalOptions, name: str, source, sets: dict[str, data.LoadedRows], env) -> dict:

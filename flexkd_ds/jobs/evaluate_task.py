@@ -96,12 +96,9 @@ def run_task_evaluate(opts) -> dict:
             raise ValueError(
                 f"the sets have different label counts {sorted(counts)}: evaluate them separately"
             )
-    sources = {}
-    for name, text in opts.models:
-        try:
-            sources[name] = models.resolve_model_source(text)
-        except (OSError, ValueError) as err:
-            raise type(err)(f"--model {name}={text}: {err}") from err
+    from flexkd_ds.jobs.evaluate import resolve_sources
+
+    sources = resolve_sources(opts)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     opts.out.mkdir(parents=True, exist_ok=True)
     results = {"task": opts.task, "models": {},

@@ -159,6 +159,19 @@ def prune_task_student(cfg: DistillConfig, engine, teacher: ModelSpec, tokenizer
     return write_pruned(cfg, engine, teacher, tokenizer, units, stats, found, env, start)
 
 
+def task_pruned_spec(cfg: DistillConfig, engine, teacher: ModelSpec, tokenizer, dataset, collate, keys: tuple[str, ...],
+                     found: importance.ImportanceFile, env: DistEnv) -> ModelSpec:  # fmt: skip
+    """The classification / seq2seq student cut from the teacher at ``found``'s units (reused when this
+    output_dir already holds the same cut), as a pretrained model spec."""
+    student_dir = existing_pruned(cfg, teacher, found)
+    if student_dir is None:
+        batches = task_prune_batches(cfg, dataset, collate, keys, env)
+        student_dir = prune_task_student(cfg, engine, teacher, tokenizer, found.indices.tolist(), batches, found, env)
+    elif env.is_main:
+        logger.info("reusing the pruned student in %s", student_dir)
+    return pruned_spec(student_dir, cfg.seed)
+
+
 def write_pruned(cfg: DistillConfig, engine, teacher: ModelSpec, tokenizer, units: list[int],
                  stats: prune.PruneStatistics, found: importance.ImportanceFile, env: DistEnv, start: float) -> Path:  # fmt: skip
     """Plan by ``stats``, cut, and write the student dir with its ``prune.json`` (rank 0); every rank waits."""

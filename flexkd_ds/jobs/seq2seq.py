@@ -25,13 +25,7 @@ from flexkd_ds.inputs import seq2seq as s2s_data
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.classify import reusable_importance
 from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
-from flexkd_ds.jobs.prune import (
-    check_prune_request,
-    existing_pruned,
-    prune_task_student,
-    pruned_spec,
-    task_prune_batches,
-)
+from flexkd_ds.jobs.prune import check_prune_request, task_pruned_spec
 from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
 from flexkd_ds.method.losses import check_unit_indices
@@ -292,16 +286,9 @@ def pruned_seq2seq(cfg, engine, teacher: ModelSpec, tokenizer, train_set, env: D
                    found: importance.ImportanceFile) -> ModelSpec:  # fmt: skip
     """The BART student cut from the teacher at ``found``'s units: ``prune.num_layers`` layers of each stack,
     heads, cross-attention heads and MLP neurons ranked on ``prune.num_examples`` training examples."""
-    student_dir = existing_pruned(cfg, teacher, found)
-    if student_dir is None:
-        batches = task_prune_batches(cfg, train_set, lambda items: s2s_data.collate(items, pad_id, start_id),
-                                     ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask"),
-                                     env)  # fmt: skip
-        student_dir = prune_task_student(cfg, engine, teacher, tokenizer, found.indices.tolist(), batches, found,
-                                         env)  # fmt: skip
-    elif env.is_main:
-        logger.info("reusing the pruned student in %s", student_dir)
-    return pruned_spec(student_dir, cfg.seed)
+    keys = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+    return task_pruned_spec(cfg, engine, teacher, tokenizer, train_set,
+                            lambda items: s2s_data.collate(items, pad_id, start_id), keys, found, env)  # fmt: skip
 
 
 def score_seq2seq(
