@@ -11,7 +11,7 @@ and a (V, d_T) teacher head, exactly as the trainer calls them:
 
 - unfused: ``z = nn.functional.linear(h, W)`` for both models, ``losses.logit_divergence`` + ``losses.lm_loss``
   on the (N, V) logits, ``backward``  (``loss.fused_logits=false``);
-- fused:   ``method.fused_logits.fused_linear_divergence`` (chunks of ``default_chunk_rows(V)`` rows),
+- fused:   ``method.fused_logits.fused_linear_divergence`` (chunks of ``default_chunk_rows(V, device)`` rows),
   ``backward``  (the default).
 
 Each path runs in its own fresh process, so one path's allocations cannot hide in the other's peak.
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
         results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     u, f = results["unfused"], results["fused"]
     shape = (f"N {args.rows}, V {args.vocab}, d_S {args.d_student}, d_T {args.d_teacher}, {args.dtype}, "
-             f"{args.kind} + LM, {args.device}, chunk {default_chunk_rows(args.vocab)} rows")  # fmt: skip
+             f"{args.kind} + LM, {args.device}, chunk {default_chunk_rows(args.vocab, args.device)} rows")  # fmt: skip
     rel = abs(f["loss"] - u["loss"]) / abs(u["loss"])
     memory_ratio = f["peak_extra_bytes"] / u["peak_extra_bytes"]
     time_ratio = f["median_s"] / u["median_s"]

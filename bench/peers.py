@@ -20,7 +20,7 @@ thread per process. What each framework runs:
 
 Step time is the wall time between consecutive step ends (flexkd-ds: new lines of ``metrics.jsonl`` seen by a
 poller in the harness; TRL: ``on_step_end``; torchtune: its metric logger, called right after each step), the
-first ``warmup`` steps dropped. Peak memory is the peak RSS of the training process (``ru_maxrss``). The
+first ``warmup`` steps dropped. Peak memory is the peak RSS of the training process (its VmHWM). The
 held-out numbers come from ``heldout_metrics`` on every saved student. Each process is started one after the
 other, frameworks interleaved for ``--rounds`` rounds; docs/benchmarks.md has the results.
 """

@@ -376,7 +376,7 @@ def DeepSpeedConfig():  # noqa: N802 - the class under test
 
 def test_all_ds_configs_are_covered():
     names = {p.name for p in DS_FILES}
-    expected = {"teacher_zero3", "teacher_zero3_offload", "student_zero1", "student_zero2", "student_zero3"}
+    expected = {"teacher_zero3", "teacher_zero3_offload", "student_zero0", "student_zero1", "student_zero2", "student_zero3"}
     assert {f"{n}.json" for n in expected | {"student_zero3_offload"}} <= names
 
 

@@ -46,7 +46,8 @@ from flexkd_ds.jobs.common import model_specs, train_dataset
 from flexkd_ds.method import importance
 from flexkd_ds.runtime.dist import DistEnv
 
-METRIC_KEYS = ("step", "lr", "loss", "lm", "logit", "feature", "tokens_per_s", "teacher_ms", "student_ms")
+METRIC_KEYS = ("step", "lr", "loss", "lm", "logit", "feature", "tokens_per_s", "teacher_ms", "student_ms", "step_ms",
+               "time")
 IMPORTANCE_METADATA = ("teacher", "layer", "functional", "num_examples", "num_tokens", "d_T", "d_S", "tail_mass",
                        "dataset", "seed", "created_by")  # fmt: skip
 D_T, D_S, VOCAB = 64, 32, 259  # the tiny recipe's teacher / student widths and byte vocabulary
@@ -248,7 +249,10 @@ def check_distill_run(out: Path, overrides: list[str], world_size: int) -> None:
         assert set(METRIC_KEYS) <= set(m), f"missing keys {set(METRIC_KEYS) - set(m)}"
         assert all(finite(m[k]) for k in METRIC_KEYS), m
         assert m["tokens_per_s"] > 0 and m["teacher_ms"] > 0 and m["student_ms"] > 0
+        assert m["step_ms"] >= m["teacher_ms"] + m["student_ms"] - 1e-6  # the whole step holds both parts
         assert 0 <= m["lr"] <= t.lr * (1 + 1e-9)
+    stamps = [m["time"] for m in metrics]  # wall-clock seconds at each line, for plotting against time
+    assert stamps == sorted(stamps) and abs(stamps[-1] - time.time()) < 3600
     # The lr a step used (not the next one): linear warm-up (step + 1) / warmup, then cosine to 0.
     for m in metrics:
         i = m["step"] - 1

@@ -122,6 +122,19 @@ def test_grad_output_scales_and_chunking_does_not_matter():
     assert_close(g1, -3.0 * g2, 1e-12, "grad_output = -3")
 
 
+def test_second_backward_through_the_same_graph_is_refused_not_wrong():
+    """backward scales the stored gradients in place (no (V, d) copy): a second backward through the same
+    graph (retain_graph=True) must raise, not return gradients scaled twice."""
+    tensors, mask, labels = make_inputs()
+    fused = fused_linear_divergence(**tensors, mask=mask, labels=labels, kind="rkl", lm_weight=0.5)
+    ref_total, _, _ = textbook(tensors, mask, labels, "rkl", 1.0, 1.0, 0.5)
+    want = torch.autograd.grad(2.0 * ref_total, tensors["student_head_weight"])[0]
+    got = torch.autograd.grad(2.0 * fused.loss, tensors["student_head_weight"], retain_graph=True)[0]
+    assert_close(got, want, 1e-9, "first backward")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(2.0 * fused.loss, tensors["student_head_weight"])
+
+
 def test_terms_off_and_no_teacher():
     tensors, _, labels = make_inputs()
     student = {k: tensors[k] for k in ("student_hidden", "student_head_weight")}
@@ -199,6 +212,8 @@ def test_bf16_weights_follow_the_unfused_precision():
 
 def test_default_chunk_rows():
     assert default_chunk_rows(49152) == 256
+    assert default_chunk_rows(49152, "cpu") == 128  # 28 MiB of float32 under the 32 MiB mmap threshold
+    assert default_chunk_rows(128256, "cpu") == 32
     assert default_chunk_rows(128256) == 128
     assert default_chunk_rows(50) == 4096
     assert default_chunk_rows(1 << 30) == 16

@@ -322,7 +322,7 @@ def run_distill(cfg: DistillConfig) -> Path:
             if env.is_main:
                 bar.update(1)
             if logging_step:  # otherwise the step's numbers stay on the device: no host sync
-                last = {**step_metrics(raw), "step": step, "lr": lr}
+                last = {**step_metrics(raw), "step": step, "lr": lr, "time": round(time.time(), 3)}
                 if valid_lm is not None:
                     last["valid_lm"] = valid_lm
                 write_metrics(last, metrics_file, bar, s_engine, step)

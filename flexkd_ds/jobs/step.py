@@ -292,6 +292,7 @@ def step_metrics(raw: dict) -> dict:
                "tokens_per_s": global_tokens / max(elapsed, 1e-9)}  # fmt: skip
     if raw["timed"]:
         metrics.update(teacher_ms=1000 * raw["teacher_s"], student_ms=1000 * raw["student_s"])
+    metrics["step_ms"] = 1000 * raw["step_s"]  # the whole optimizer step, synchronised at logging steps
     metrics["grad_norm"] = float(raw["s_engine"].get_global_grad_norm() or 0.0)
     return metrics
 

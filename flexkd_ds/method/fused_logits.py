@@ -35,6 +35,11 @@ from flexkd_ds.method import losses
 # One chunk's (c, V) float32 logits hold at most this many elements (64 MiB): about ten such tensors live
 # while a chunk is processed (student and teacher logits, log-softmaxes, probabilities, their gradients).
 CHUNK_ELEMENTS = 1 << 24
+# On the CPU a chunk's (c, V) float32 tensor stays under 28 MiB: glibc serves a block above its mmap
+# threshold (adaptive, but never above 32 MiB on 64-bit Linux) with a fresh mapping, so every temporary of a
+# bigger chunk is page-faulted in and zeroed by the kernel on each use. At V = 49152 and 172 rows in one chunk
+# that was 120k page faults and a quarter of the loss's time (bench/step_attribution.py, docs/benchmarks.md).
+CPU_CHUNK_ELEMENTS = 7 << 20
 
 
 class FusedLogitTerms(NamedTuple):
@@ -46,9 +51,11 @@ class FusedLogitTerms(NamedTuple):
     lm_sum: Tensor
 
 
-def default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk: a power of two with chunk x V <= ``CHUNK_ELEMENTS``, at least 16 and at most 4096."""
-    rows = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def default_chunk_rows(vocab: int, device_type: str = "cuda") -> int:
+    """Rows per chunk: a power of two with chunk x V <= ``CHUNK_ELEMENTS`` (``CPU_CHUNK_ELEMENTS`` for
+    ``device_type="cpu"``), at least 16 and at most 4096."""
+    budget = CPU_CHUNK_ELEMENTS if device_type == "cpu" else CHUNK_ELEMENTS
+    rows = max(1, budget // max(vocab, 1))
     return int(min(4096, max(16, 1 << (rows.bit_length() - 1))))
 
 
@@ -86,7 +93,7 @@ def fused_linear_divergence(
         kind, temperature, skew, jsd_beta: as ``losses.logit_divergence``.
         beta, lm_weight: the weights of the two sums in ``loss``; 0 turns a term off (it is not computed).
         student_head_bias, teacher_head_bias: (V,) optional head biases.
-        chunk_rows: rows per chunk; None = ``default_chunk_rows(V)``.
+        chunk_rows: rows per chunk; None = ``default_chunk_rows(V, device type)``.
         check_labels: check that the counted labels lie in [0, V) (a host sync; the trainer checks its data
             once and passes False).
 
@@ -148,7 +155,7 @@ def fused_linear_divergence(
     settings = {
         "kind": kind, "temperature": temperature, "skew": skew, "jsd_beta": jsd_beta,
         "beta": beta if divergence_on else 0.0, "lm_weight": lm_weight if lm_on else 0.0,
-        "ignore_index": ignore_index, "chunk_rows": chunk_rows or default_chunk_rows(vocab),
+        "ignore_index": ignore_index, "chunk_rows": chunk_rows or default_chunk_rows(vocab, student_hidden.device.type),
         "grads": torch.is_grad_enabled(),  # validation under no_grad computes values only
     }  # fmt: skip
     loss, divergence_sum, lm_sum = _FusedLinearDivergence.apply(
@@ -190,10 +197,13 @@ class _FusedLinearDivergence(torch.autograd.Function):
         grads = settings["grads"]
         need_weight_grad = grads and ctx.needs_input_grad[1]
         need_bias_grad = grads and s_bias is not None and ctx.needs_input_grad[2]
-        grad_hidden = torch.zeros_like(s_hidden) if grads and ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(s_hidden) if grads and ctx.needs_input_grad[0] else None
         grad_weight = (
             torch.zeros(s_weight.shape, dtype=acc, device=s_weight.device) if need_weight_grad else None
         )
+        # addmm_ into grad_weight: no (V, d) temporary per chunk (the cast path keeps bf16 sums in float32)
+        in_place = grad_weight is not None and grad_weight.dtype == s_weight.dtype
+        temperature = settings["temperature"]
         grad_bias = torch.zeros(s_bias.shape, dtype=acc, device=s_bias.device) if need_bias_grad else None
         sums = torch.zeros(2, dtype=acc, device=s_hidden.device)  # divergence, lm
         step = settings["chunk_rows"]
@@ -208,8 +218,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
                     t_z = _logits(t_hidden[start:stop], t_weight, t_bias).detach().to(acc)
                     keep = mask[start:stop] if mask is not None else None
                     z_rows, t_rows = (z, t_z) if keep is None else (z[keep], t_z[keep])
-                    log_q = torch.log_softmax(z_rows / settings["temperature"], dim=-1)
-                    log_p = torch.log_softmax(t_rows / settings["temperature"], dim=-1)
+                    if temperature != 1.0:  # z / 1 would be two more (c, V) passes and temporaries
+                        z_rows, t_rows = z_rows / temperature, t_rows / temperature
+                    log_q = torch.log_softmax(z_rows, dim=-1)
+                    log_p = torch.log_softmax(t_rows, dim=-1)
                     per_token = losses._divergence_per_token(
                         log_p, log_q, settings["kind"], settings["skew"], settings["jsd_beta"]
                     )
@@ -228,7 +240,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
             dz_w = dz.to(s_weight.dtype)  # the unfused path's backward casts the logits' gradient back too
             if grad_hidden is not None:
                 grad_hidden[start:stop] = (dz_w @ s_weight).to(grad_hidden.dtype)
-            if need_weight_grad:
+            if need_weight_grad and in_place:
+                grad_weight.addmm_(dz_w.T, h.to(s_weight.dtype))
+            elif need_weight_grad:
                 grad_weight += (dz_w.T @ h.to(s_weight.dtype)).to(acc)
             if need_bias_grad:
                 grad_bias += dz.sum(0)
@@ -244,7 +258,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
         scale = grad_loss
-        out_hidden = None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype)
-        out_weight = None if grad_weight is None else (grad_weight * scale).to(weight_dtype)
-        out_bias = None if grad_bias is None else (grad_bias * scale).to(bias_dtype)
+        # Scaled in place: the stored gradients are this function's own and serve one backward (a second
+        # backward through the same graph is refused by autograd's version check, not silently wrong).
+        out_hidden = None if grad_hidden is None else grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        out_weight = None if grad_weight is None else grad_weight.mul_(scale).to(weight_dtype)
+        out_bias = None if grad_bias is None else grad_bias.mul_(scale).to(bias_dtype)
         return out_hidden, out_weight, out_bias, None, None, None, None, None, None
