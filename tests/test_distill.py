@@ -150,6 +150,21 @@ def test_an_expected_error_on_two_ranks_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("world_size, config, hinted", [
+    (1, "ds_configs/student_zero2.json", True), (1, "ds_configs/student_zero0.json", False),
+    (2, "ds_configs/student_zero2.json", False), (1, "ds_configs/student_zero3.json", False),
+])  # fmt: skip
+def test_one_rank_with_zero_1_or_2_is_told_about_stage_0(tmp_path, caplog, world_size, config, hinted):
+    from flexkd_ds.jobs.distill import student_ds_dict
+
+    cfg = recipe_config(tmp_path, [f"deepspeed.student_config={config}"])
+    env = DistEnv(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
+    with caplog.at_level("INFO", logger="flexkd_ds"):
+        ds = student_ds_dict(cfg, env, tmp_path)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    assert ("student_zero0.json skips" in caplog.text) is hinted
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
 def test_tensorboard_without_its_package_stops_before_anything_is_written(tmp_path):
     result = run_job(DISTILL, tmp_path / "o", ["deepspeed.tensorboard=true"], nprocs=1, check=False)
