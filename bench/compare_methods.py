@@ -190,7 +190,10 @@ def rebuild_cut(out: Path, args) -> None:
     from flexkd_ds.method import prune
 
     saved = json.loads(committed_cut(args).read_text())
-    record = {**saved["prune_json"], "teacher": str(teacher_dir(out))}  # the name distill checks the cut against
+    record = {
+        **saved["prune_json"],
+        "teacher": str(teacher_dir(out)),
+    }  # the name distill checks the cut against
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir(out), dtype=torch.bfloat16)
     student = prune.prune_model(teacher, prune.PrunePlan(**record["plan"]))
     tmp = student_dir(out, args).with_name(".pruned_student.tmp")
@@ -317,6 +320,10 @@ def train(
     if record is not None and "eval" in record:  # trained again for its student: the measurements stand
         fresh["eval"] = record["eval"]
     save_record(args, name, fresh)
+    # the grid never resumes a run (train.resume=never) and evaluates the exported student, so the final
+    # ZeRO checkpoint (1.4 GB of master weights and Adam moments per run at width 432) is only disk: 50 runs
+    # would need 70 GB
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return name
 
 
@@ -354,6 +361,7 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     common = [sys.executable, "launch/evaluate.py", f"--model={name}={source}", *data, "--no-progress",
               "--max-length=512", "--batch-size=16", "--dtype=bf16"]  # fmt: skip
     nll_dir, rouge_dir = out / "eval" / name / "nll", out / "eval" / name / "rouge"
+    start = time.time()
     if not (nll_dir / "results.json").is_file():
         run([*common, f"--out={nll_dir}", "--metrics", "nll"], out / "logs" / f"eval-{name}-nll.log", args)
     if not (rouge_dir / "results.json").is_file():
@@ -371,6 +379,7 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     table["Avg"] = {
         k: math.fsum(table[s][k] for s in TEST_SETS) / len(TEST_SETS) for k in ("greedy", "sample", "nll")
     }
+    table["wall_s"] = round(time.time() - start, 1)  # both evaluations (0 if they were already on disk)
     return table
 
 
@@ -465,6 +474,7 @@ def stage_report(args) -> str:
         lines.append(f"| {row['method']} | {row['weight'] or '-'} | {row['curve'][0][1]:.3f} | "
                      f"{row['curve'][-1][1]:.3f} | {row['step_s']:.1f} | {'yes' if row['chosen'] else ''} |")  # fmt: skip
     _plot_curves(where, selection)
+    lines += _cost_section(records, args)
     if chosen is None:
         lines += ["", "(the selection is not complete: no final table yet)"]
         return _write_report(where, lines, result)
@@ -496,6 +506,28 @@ def stage_report(args) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
     lines += _paired_sections(per_row, columns, result)
     return _write_report(where, lines, result)
+
+
+def _cost_section(records: list[dict], args) -> list[str]:
+    """How long each part took, from the records' wall clocks (runs of this setup and cut only)."""
+    parts: dict[str, list[float]] = {
+        p: [] for p in ("selection (seed 1)", "seeds 2..", "extras", "evaluations")
+    }
+    for r in records:
+        if load_record(args, r["name"]) is None:
+            continue
+        if "wall_s" in r:
+            part = "extras" if r.get("extra") else "selection (seed 1)" if r["seed"] == 1 else "seeds 2.."
+            parts[part].append(r["wall_s"])
+        if r.get("eval", {}).get("wall_s"):
+            parts["evaluations"].append(r["eval"]["wall_s"])
+    lines = ["", "## Cost (wall clock on the machine that ran each part; 2 CPU cores)", "",
+             "| part | runs | hours | median minutes per run |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for part, walls in parts.items():
+        if walls:
+            lines.append(f"| {part} | {len(walls)} | {sum(walls) / 3600:.1f} | "
+                         f"{statistics.median(walls) / 60:.1f} |")  # fmt: skip
+    return lines
 
 
 def _paired_sections(per_row: dict, columns: list[str], result: dict) -> list[str]:
@@ -580,8 +612,9 @@ def main(argv=None) -> None:
         steps = {"data": lambda: stage_data(out), "prune": lambda: stage_prune(out, args),
                  "cache": lambda: (save_cut(out, args), stage_cache(out, args)),
                  "select": lambda: stage_select(out, args),
-                 "seeds": lambda: stage_seeds(out, args), "extras": lambda: stage_extras(out, args),
-                 "eval": lambda: stage_eval(out, args)}  # fmt: skip
+                 "seeds": lambda: stage_seeds(out, args), "eval": lambda: stage_eval(out, args),
+                 "extras": lambda: stage_extras(out, args)}  # fmt: skip
+        assert tuple(steps) == STAGES[:-1]
         for stage, step in steps.items():
             print(f"== {stage}", flush=True)
             step()
