@@ -29,9 +29,11 @@ again; an interrupted run starts again from its start). The shared settings: ``b
 5. seeds   each method at its chosen weight, seeds 2..``--seeds`` (seed 1 is the selection run).
 6. eval    ``launch/evaluate.py`` per student on Dolly, Self-Inst, Vicuna and S-NI: response NLL on every
            row; ROUGE-L greedy and sampled (5 seeds, the paper's protocol) on the first ``--rouge-rows``.
-7. extras  flexkd at its chosen alpha, same seeds, each evaluated: ``correlation_scope=local`` (per rank:
-           4 sequences) against the default global batch of 8; ``unit_pairing=importance`` (re-selected and
-           re-ordered by the importance pass) against the pruning's identity pairing.
+7. extras  same seeds, each evaluated: rkl at beta = 1, the logit term the feature methods carry (when rkl
+           chose another beta: the control that isolates what a feature term adds); flexkd at its chosen
+           alpha with ``correlation_scope=local`` (per rank: 4 sequences) against the default global batch
+           of 8, and with ``unit_pairing=importance`` (re-selected and re-ordered by the importance pass)
+           against the pruning's identity pairing.
 8. report  ``--records/report.md`` and ``report.json``: the Table-3 layout (ROUGE-L, mean ± std over training
            seeds, the teacher's row), NLL, paired differences against rkl and against flexkd per set and on
            the average with a 95 % t interval over seeds and the (set, seed) counts each way, the dev curves
@@ -65,6 +67,8 @@ METHODS = {  # method -> (loss overrides, the weight it is chosen by, its grid; 
     "rkl": (["loss.feature_loss=none", "loss.logit_loss=rkl"], "beta", [0.5, 1.0, 2.0]),
     **{m: ([f"loss.feature_loss={m}", "loss.logit_loss=rkl"], "alpha", [0.005, 0.05, 0.5]) for m in FEATURE},
 }
+FEATURE_BETA = 1.0  # the yaml's loss.beta: the rkl weight inside every feature method (not tuned per method)
+CONTROL = f"rkl (beta {FEATURE_BETA:g})"  # report row: rkl at that weight, when rkl's own choice differs
 EXTRAS = {
     "flexkd-local": ["loss.correlation_scope=local"],
     "flexkd-importance": ["loss.unit_pairing=importance"],
@@ -412,8 +416,11 @@ def stage_eval(out: Path, args) -> None:
 
 
 def stage_extras(out: Path, args) -> None:
-    alpha = chosen_weights(args)["flexkd"]
+    chosen = chosen_weights(args)
+    alpha = chosen["flexkd"]
     for seed in range(1, args.seeds + 1):
+        if chosen["rkl"] != FEATURE_BETA:
+            evaluate_run(out, "rkl", FEATURE_BETA, seed, args)
         for extra in EXTRAS:
             evaluate_run(out, "flexkd", alpha, seed, args, extra)
 
@@ -422,6 +429,8 @@ def final_runs(args) -> dict[str, list[str]]:
     """Row label -> the run names of its seeds at the chosen weight (whether or not they have run)."""
     chosen = chosen_weights(args)
     rows = {m: [run_name(m, w, s) for s in range(1, args.seeds + 1)] for m, w in chosen.items()}
+    if chosen["rkl"] != FEATURE_BETA:
+        rows[CONTROL] = [run_name("rkl", FEATURE_BETA, s) for s in range(1, args.seeds + 1)]
     for extra in EXTRAS:
         rows[extra] = [run_name("flexkd", chosen["flexkd"], s, extra) for s in range(1, args.seeds + 1)]
     return rows
@@ -537,7 +546,7 @@ def _paired_sections(per_row: dict, columns: list[str], result: dict) -> list[st
     def by_seed(label):
         return {name.rsplit("-seed", 1)[1]: s for name, s in per_row.get(label, {}).items()}
 
-    for base in ("rkl", "flexkd"):
+    for base in ("rkl", CONTROL, "flexkd"):
         ref = by_seed(base)
         if not ref:
             continue
