@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="only write the report from what is there")
     p.add_argument("--rouge-rows", type=int, default=100, help="rows per set generated for ROUGE-L")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation limit for ROUGE-L")
+    p.add_argument("--gen-batch-size", type=int, default=64,
+                   help="prompts per generate call for ROUGE-L (the NLL pass keeps 16)")  # fmt: skip
     p.add_argument("--port", type=int, default=29611, help="DeepSpeed master port of the runs")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the next stage, run nothing")
     return p.parse_args(argv)
@@ -363,15 +365,18 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     first ``--rouge-rows`` rows of each. Returns {set: {greedy, sample, sample_per_seed, nll}} plus "Avg"."""
     data = [f"--data={s}={DATA / f}" for s, f in TEST_SETS.items()]
     common = [sys.executable, "launch/evaluate.py", f"--model={name}={source}", *data, "--no-progress",
-              "--max-length=512", "--batch-size=16", "--dtype=bf16"]  # fmt: skip
+              "--max-length=512", "--dtype=bf16"]  # fmt: skip
     nll_dir, rouge_dir = out / "eval" / name / "nll", out / "eval" / name / "rouge"
     start = time.time()
     if not (nll_dir / "results.json").is_file():
-        run([*common, f"--out={nll_dir}", "--metrics", "nll"], out / "logs" / f"eval-{name}-nll.log", args)
+        run([*common, "--batch-size=16", f"--out={nll_dir}", "--metrics", "nll"],
+            out / "logs" / f"eval-{name}-nll.log", args)  # fmt: skip
     if not (rouge_dir / "results.json").is_file():
-        run([*common, f"--out={rouge_dir}", "--metrics", "rouge", "--decoding", "both",
-             f"--max-rows={args.rouge_rows}", f"--max-new-tokens={args.max_new_tokens}"],
+        run([*common, f"--batch-size={args.gen_batch_size}", f"--out={rouge_dir}", "--metrics", "rouge",
+             "--decoding", "both", f"--max-rows={args.rouge_rows}", f"--max-new-tokens={args.max_new_tokens}"],
             out / "logs" / f"eval-{name}-rouge.log", args)  # fmt: skip
+        if not args.dry_run:  # results.json does not say the batch size (it moves greedy ties only)
+            (rouge_dir / "driver.json").write_text(json.dumps({"batch_size": args.gen_batch_size}))
     if args.dry_run:
         return {}
     nll, rouge = (json.loads((d / "results.json").read_text())["models"][name] for d in (nll_dir, rouge_dir))
@@ -379,10 +384,17 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     for s in TEST_SETS:
         sample = rouge["rougeL"][s]["sample"]
         table[s] = {"greedy": rouge["rougeL"][s]["greedy"]["mean"], "sample": sample["mean"],
-                    "sample_per_seed": sample["per_seed"], "nll": nll["nll"][s]["mean"]}  # fmt: skip
+                    "sample_per_seed": sample["per_seed"], "nll": nll["nll"][s]["nll"],
+                    "nll_tokens": nll["nll"][s]["tokens"], "rouge_rows": rouge["rougeL"][s]["sample"]["n"]}  # fmt: skip
     table["Avg"] = {
         k: math.fsum(table[s][k] for s in TEST_SETS) / len(TEST_SETS) for k in ("greedy", "sample", "nll")
     }
+    marker = rouge_dir / "driver.json"  # absent: generated before the batch size became an option (16)
+    table["gen_batch_size"] = json.loads(marker.read_text())["batch_size"] if marker.is_file() else 16
+    table["seconds"] = {
+        "nll": nll.get("seconds"),
+        "rouge": rouge.get("seconds"),
+    }  # each evaluation's own clock
     table["wall_s"] = round(time.time() - start, 1)  # both evaluations (0 if they were already on disk)
     return table
 
@@ -402,8 +414,10 @@ def evaluate_run(out: Path, method: str, weight, seed: int, args, extra: str = "
 def evaluate_reference(out: Path, name: str, source: Path, args) -> None:
     if load_record(args, name) is None:
         scores = evaluate(out, name, str(source), args)
-        if not args.dry_run:
-            save_record(args, name, {"name": name, "eval": scores})
+        if not args.dry_run:  # the cut's hash: records of one grid (load_record) whatever the row
+            save_record(
+                args, name, {"name": name, "student_sha256": student_sha256(out, args), "eval": scores}
+            )
 
 
 def stage_eval(out: Path, args) -> None:
@@ -528,8 +542,11 @@ def _cost_section(records: list[dict], args) -> list[str]:
         if "wall_s" in r:
             part = "extras" if r.get("extra") else "selection (seed 1)" if r["seed"] == 1 else "seeds 2.."
             parts[part].append(r["wall_s"])
-        if r.get("eval", {}).get("wall_s"):
-            parts["evaluations"].append(r["eval"]["wall_s"])
+        spent = [v for v in r.get("eval", {}).get("seconds", {}).values() if v] or [
+            r.get("eval", {}).get("wall_s")
+        ]
+        if spent[0]:  # the evaluations' own clocks (the driver's is 0 when it found them on disk)
+            parts["evaluations"].append(sum(spent))
     lines = ["", "## Cost (wall clock on the machine that ran each part; 2 CPU cores)", "",
              "| part | runs | hours | median minutes per run |", "| --- | --- | --- | --- |"]  # fmt: skip
     for part, walls in parts.items():
@@ -565,7 +582,8 @@ def _paired_sections(per_row: dict, columns: list[str], result: dict) -> list[st
                 for c in columns:
                     diffs = [mine[s][c][metric] - ref[s][c][metric] for s in seeds]
                     mean, half = t_interval(diffs)
-                    cells.append(f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]")
+                    interval = "one seed" if math.isnan(half) else f"{mean - half:+.3f}, {mean + half:+.3f}"
+                    cells.append(f"{mean:+.3f} [{interval}]")
                     result["paired"][f"{label} - {base} {metric} {c}"] = {"mean": mean, "half_width": half,
                                                                           "diffs": diffs}  # fmt: skip
                     if c != "Avg":
