@@ -502,6 +502,7 @@ def stage_report(args) -> str:
         lines += ["", "(the selection is not complete: no final table yet)"]
         return _write_report(where, lines, result)
 
+    lines += _dev_section(args, result)
     per_row = {label: {n: scores(args, n) for n in names} for label, names in final_runs(args).items()}
     per_row = {label: {n: s for n, s in runs.items() if s is not None} for label, runs in per_row.items()}
     teacher, cut = scores(args, "teacher"), scores(args, "cut")
@@ -514,8 +515,11 @@ def stage_report(args) -> str:
                   "| --- |" + " --- |" * (len(columns) + 1)]  # fmt: skip
         for label, reference in (("teacher (SmolLM2-135M)", teacher), ("cut, untrained", cut)):
             if reference:
+                digits = 3 if metric == "nll" else 2
                 lines.append(
-                    f"| {label} | " + " | ".join(f"{reference[c][metric]:.2f}" for c in columns) + " | - |"
+                    f"| {label} | "
+                    + " | ".join(f"{reference[c][metric]:.{digits}f}" for c in columns)
+                    + " | - |"
                 )
         for label, runs in per_row.items():
             if not runs:
@@ -525,10 +529,47 @@ def stage_report(args) -> str:
                 values = [r[c][metric] for r in runs.values()]
                 mean = math.fsum(values) / len(values)
                 sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-                cells.append(f"{mean:.2f} ± {sd:.2f}")
+                digits = 3 if metric == "nll" else 2
+                cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}")
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
     lines += _paired_sections(per_row, columns, result)
     return _write_report(where, lines, result)
+
+
+def _dev_section(args, result: dict) -> list[str]:
+    """Final dev NLL of every trained seed at the chosen weights: a training diagnostic on the 100 rows the
+    weights were chosen on (so seed 1 is optimistically selected), not a result; paired against rkl."""
+    rows = {}
+    for label, names in final_runs(args).items():
+        finals = {}
+        for name in names:
+            record = load_record(args, name)
+            if record is not None and "dev_curve" in record:
+                finals[name.rsplit("-seed", 1)[1]] = record["dev_curve"][-1][1]
+        if finals:
+            rows[label] = finals
+    result["dev_final"] = rows
+    seeds = sorted({s for finals in rows.values() for s in finals}, key=int)
+    lines = ["", "## Final dev NLL per training seed (diagnostic: the weights were chosen on these 100 rows)", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | minus rkl, paired [95 % t] |",
+             "| --- |" + " --- |" * (len(seeds) + 2)]  # fmt: skip
+    ref = rows.get("rkl", {})
+    for label, finals in rows.items():
+        values = list(finals.values())
+        mean, _ = t_interval(values)
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        paired = sorted(set(finals) & set(ref), key=int)
+        diff = "-"
+        if label != "rkl" and paired:
+            d, half = t_interval([finals[s] - ref[s] for s in paired])
+            diff = (
+                f"{d:+.3f} (n={len(paired)})"
+                if math.isnan(half)
+                else f"{d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"
+            )
+        cells = " | ".join(f"{finals[s]:.3f}" if s in finals else "" for s in seeds)
+        lines.append(f"| {label} | {cells} | {mean:.3f} ± {sd:.3f} | {diff} |")
+    return lines
 
 
 def _cost_section(records: list[dict], args) -> list[str]:
