@@ -1,0 +1,130 @@
+"""bench/compare_methods.py (issue 14): its reader of launch/evaluate.py's results, against the files the real
+job writes, and its report statistics (weight choice, paired differences, t intervals, win counts) against
+arithmetic written out here on fabricated records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from _helpers import REPO
+from transformers import AutoTokenizer
+
+from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
+
+GPT2_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt2"
+T975 = {2: 4.302653, 3: 3.182446, 4: 2.776445}  # Student-t 0.975 quantiles by degrees of freedom (tables)
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cm():
+    return _load("compare_methods_bench", REPO / "bench" / "compare_methods.py")
+
+
+def test_evaluate_reads_what_the_evaluation_job_writes(cm, tmp_path):
+    """The driver's table from the real job's results.json (the layout that once stopped the grid with a
+    KeyError): per set NLL, greedy and sampled ROUGE-L, and the four-set average."""
+    if not (GPT2_TOKENIZER / "tokenizer.json").exists():
+        pytest.skip(f"no GPT-2 tokenizer at {GPT2_TOKENIZER}")
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    config = tiny_config("gpt2", hidden_size=16, num_layers=1, num_heads=2, vocab_size=len(tokenizer),
+                         max_positions=1024)  # fmt: skip
+    model_dir = tmp_path / "model"
+    build_causal_lm_from_config(config, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    sets = [a for s, f in cm.TEST_SETS.items() for a in ("--data", f"{s}={cm.DATA / f}")]
+    launcher = _load("evaluate_launcher", REPO / "launch" / "evaluate.py")
+    for metric, extra in (("nll", []), ("rouge", ["--decoding", "both", "--seeds", "1", "2"])):
+        launcher.main(["--model", f"m={model_dir}", *sets, "--out", str(out / "eval" / "m" / metric), "--metrics",
+                       metric, "--max-rows", "3", "--max-new-tokens", "4", "--batch-size", "2", "--no-progress",
+                       *extra])  # fmt: skip
+    args = cm.parse_args(["--out", str(out), "--records", str(tmp_path / "records")])
+    table = cm.evaluate(out, "m", str(model_dir), args)  # both results on disk: nothing is run again
+    nll = json.loads((out / "eval" / "m" / "nll" / "results.json").read_text())["models"]["m"]["nll"]
+    rouge = json.loads((out / "eval" / "m" / "rouge" / "results.json").read_text())["models"]["m"]["rougeL"]
+    for s in cm.TEST_SETS:
+        assert table[s]["nll"] == nll[s]["nll"] and math.isfinite(nll[s]["nll"]) and nll[s]["n"] == 3
+        assert table[s]["greedy"] == rouge[s]["greedy"]["per_seed"][0]
+        assert table[s]["sample"] == pytest.approx(sum(rouge[s]["sample"]["per_seed"]) / 2)
+    for key in ("greedy", "sample", "nll"):
+        assert table["Avg"][key] == pytest.approx(sum(table[s][key] for s in cm.TEST_SETS) / 4)
+    assert table["gen_batch_size"] == 16  # no driver.json: generated before the option existed
+
+
+def _record(cm, args, method, weight, seed, final_dev, sample=None, nll=None):
+    name = cm.run_name(method, weight, seed)
+    key = cm.METHODS[method][1]
+    record = {"name": name, "student_sha256": "cut", "method": method, "weight": key and {key: weight},
+              "seed": seed, "extra": None, "dev_curve": [[0, 6.6], [60, final_dev]], "median_step_s": 7.0,
+              "wall_s": 600.0}  # fmt: skip
+    if sample is not None:
+        record["eval"] = {s: {"greedy": 10.0 + i, "sample": sample[i], "nll": nll[i]}
+                          for i, s in enumerate(cm.TEST_SETS)}  # fmt: skip
+        record["eval"]["Avg"] = {k: sum(record["eval"][s][k] for s in cm.TEST_SETS) / 4
+                                 for k in ("greedy", "sample", "nll")}  # fmt: skip
+        record["eval"]["seconds"] = {"nll": 100.0, "rouge": 200.0}
+    cm.save_record(args, name, record)
+
+
+def test_report_choice_paired_differences_and_counts(cm, tmp_path):
+    args = cm.parse_args(["--records", str(tmp_path), "--seeds", "3", "--report"])
+    finals = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 3.9, 2.0: 4.0},
+              "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
+              "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip
+    for method, grid in finals.items():
+        for weight, final in grid.items():
+            _record(cm, args, method, weight, 1, final)
+    # rkl chose beta 1 here, so there is no separate control row; flexkd alpha 0.05, cka alpha 0.05
+    rkl_sample = {1: [10.0, 8.0, 12.0, 9.0], 2: [11.0, 8.5, 12.5, 9.5], 3: [10.5, 7.0, 13.0, 9.0]}
+    flex_sample = {1: [10.5, 8.5, 11.0, 9.5], 2: [11.2, 9.0, 12.0, 9.0], 3: [11.0, 7.5, 13.5, 10.0]}
+    nll = [2.6, 2.8, 1.6, 2.7]
+    for seed in (1, 2, 3):
+        _record(cm, args, "rkl", 1.0, seed, 3.9, rkl_sample[seed], nll)
+        _record(cm, args, "flexkd", 0.05, seed, 3.85, flex_sample[seed], [v - 0.01 * seed for v in nll])
+    text = cm.stage_report(args)
+    result = json.loads((tmp_path / "report.json").read_text())
+    assert result["chosen"] == {"sft": None, "fkl": 1.0, "rkl": 1.0, "projector": 0.005, "cka": 0.05,
+                                "flexkd": 0.05}  # fmt: skip
+    assert cm.CONTROL not in result["rows"]
+    diffs = [sum(flex_sample[s]) / 4 - sum(rkl_sample[s]) / 4 for s in (1, 2, 3)]
+    paired = result["paired"]["flexkd - rkl sample Avg"]
+    mean = sum(diffs) / 3
+    half = T975[2] * statistics.stdev(diffs) / math.sqrt(3)
+    assert paired["mean"] == pytest.approx(mean) and paired["half_width"] == pytest.approx(half, rel=1e-4)
+    assert paired["diffs"] == pytest.approx(diffs)
+    nll_paired = result["paired"]["flexkd - rkl nll Dolly"]
+    assert nll_paired["diffs"] == pytest.approx([-0.01, -0.02, -0.03])
+    # (set, seed) pairs: sampled ROUGE-L higher for flexkd in 9 of 12, lower in 3; NLL lower in all 12
+    wins = sum(flex_sample[s][i] > rkl_sample[s][i] for s in (1, 2, 3) for i in range(4))
+    losses = sum(flex_sample[s][i] < rkl_sample[s][i] for s in (1, 2, 3) for i in range(4))
+    assert (wins, losses) == (9, 3)
+    sample_block = text.split("## Paired difference against rkl: sample")[1].split("\n## ")[0]
+    assert "| flexkd | " in sample_block and sample_block.rstrip().endswith(f"| {wins} / {losses} |")
+    nll_block = text.split("## Paired difference against rkl: nll")[1].split("\n## ")[0]
+    assert nll_block.rstrip().endswith("| 12 / 0 |")
+    # the Table-3 row: mean ± sample sd over the 3 training seeds
+    avg = [sum(flex_sample[s]) / 4 for s in (1, 2, 3)]
+    table = text.split("## ROUGE-L, sampled")[1].split("\n## ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| flexkd |"))
+    assert row.split("|")[-3].strip() == f"{sum(avg) / 3:.2f} ± {statistics.stdev(avg):.2f}"
+
+
+def test_records_of_another_setup_are_ignored(cm, tmp_path):
+    args = cm.parse_args(["--records", str(tmp_path), "--report"])
+    _record(cm, args, "sft", None, 1, 3.9)
+    assert cm.load_record(args, "sft-seed1")["dev_curve"][-1][1] == 3.9
+    other = cm.parse_args(["--records", str(tmp_path), "--report", "--rouge-rows", "50"])
+    assert cm.load_record(other, "sft-seed1") is None  # another evaluation protocol: not comparable
+    assert cm.t_interval([1.0])[1] != cm.t_interval([1.0])[1]  # one value: no interval (nan)
