@@ -429,14 +429,44 @@ def stage_eval(out: Path, args) -> None:
             evaluate_run(out, method, weight, seed, args)
 
 
+PAIRING_CHECK = "pairing-check"
+
+
+def pairing_check(out: Path, args) -> dict:
+    """Would ``unit_pairing=importance`` pair differently from the cut? A fresh importance pass (launch/score.py
+    with a run's own settings: the distill job's pass) against the cut's plan units, recorded once. When the
+    selection and its order are identical, the flexkd-importance runs would repeat the flexkd runs and are
+    skipped (the issue asks for them "if they differ")."""
+    record = load_record(args, PAIRING_CHECK)
+    if record is not None:
+        return record
+    fresh_dir = out / "importance-fresh"
+    if not (fresh_dir / "importance.safetensors").is_file():
+        overrides = [*shared(out), f"model.student={student_dir(out, args)}", f"output_dir={fresh_dir}"]
+        run(deepspeed("launch/score.py", overrides, args), out / "logs" / "importance-fresh.log", args)
+    if args.dry_run:
+        return {"identical": False}
+    from safetensors.torch import load_file
+
+    fresh = load_file(fresh_dir / "importance.safetensors")["indices"].tolist()
+    cut = json.loads((student_dir(out, args) / "prune.json").read_text())["plan"]["units"]
+    record = {"name": PAIRING_CHECK, "student_sha256": student_sha256(out, args), "identical": fresh == cut,
+              "same_units": len(set(fresh) & set(cut)), "same_pairs": sum(a == b for a, b in zip(fresh, cut, strict=True)),
+              "d_student": len(cut)}  # fmt: skip
+    save_record(args, PAIRING_CHECK, record)
+    return record
+
+
 def stage_extras(out: Path, args) -> None:
     chosen = chosen_weights(args)
     alpha = chosen["flexkd"]
+    skip = {"flexkd-importance"} if pairing_check(out, args)["identical"] else set()
     for seed in range(1, args.seeds + 1):
         if chosen["rkl"] != FEATURE_BETA:
             evaluate_run(out, "rkl", FEATURE_BETA, seed, args)
         for extra in EXTRAS:
-            evaluate_run(out, "flexkd", alpha, seed, args, extra)
+            if extra not in skip:
+                evaluate_run(out, "flexkd", alpha, seed, args, extra)
 
 
 def final_runs(args) -> dict[str, list[str]]:
@@ -445,7 +475,10 @@ def final_runs(args) -> dict[str, list[str]]:
     rows = {m: [run_name(m, w, s) for s in range(1, args.seeds + 1)] for m, w in chosen.items()}
     if chosen["rkl"] != FEATURE_BETA:
         rows[CONTROL] = [run_name("rkl", FEATURE_BETA, s) for s in range(1, args.seeds + 1)]
+    check = load_record(args, PAIRING_CHECK)
     for extra in EXTRAS:
+        if extra == "flexkd-importance" and check is not None and check["identical"]:
+            continue  # the same pairing as flexkd's: those runs are the flexkd rows
         rows[extra] = [run_name("flexkd", chosen["flexkd"], s, extra) for s in range(1, args.seeds + 1)]
     return rows
 
@@ -502,6 +535,14 @@ def stage_report(args) -> str:
         lines += ["", "(the selection is not complete: no final table yet)"]
         return _write_report(where, lines, result)
 
+    check = load_record(args, PAIRING_CHECK)
+    if check is not None:
+        result["pairing_check"] = check
+        lines += ["", "## Unit pairing: the cut's against a fresh importance pass", "",
+                  f"The fresh pass selects {check['same_units']} of the cut's {check['d_student']} teacher units "
+                  f"and pairs {check['same_pairs']} student units with the same teacher unit. "
+                  + ("The pairings are identical, so `unit_pairing=importance` would repeat the flexkd runs; "
+                     "it is not run." if check["identical"] else "flexkd-importance trains with that pairing.")]  # fmt: skip
     lines += _dev_section(args, result)
     per_row = {label: {n: scores(args, n) for n in names} for label, names in final_runs(args).items()}
     per_row = {label: {n: s for n, s in runs.items() if s is not None} for label, runs in per_row.items()}
