@@ -73,6 +73,8 @@ EXTRAS = {
     "flexkd-local": ["loss.correlation_scope=local"],
     "flexkd-importance": ["loss.unit_pairing=importance"],
 }
+LONG_STEPS = 120  # the flattening check: twice the grid's steps, same schedule shape (warmup, cosine to 0)
+LONG = {f"{m}-long": m for m in ("sft", "rkl", "flexkd")}  # seed 1 at the chosen weight; dev curve only
 STAGES = ("data", "prune", "cache", "select", "seeds", "eval", "extras", "report")
 
 
@@ -310,6 +312,8 @@ def train(
     # rounding, tests/test_distill.py)
     overrides = [*shared(out), f"model.student={student_dir(out, args)}", f"output_dir={run_dir}", f"seed={seed}",
                  "train.resume=never", "loss.fused_logits=false", *losses, *EXTRAS.get(extra, [])]  # fmt: skip
+    if extra in LONG:
+        overrides.append(f"train.max_steps={LONG_STEPS}")
     if key is not None:
         overrides.append(f"loss.{key}={weight}")
     start = time.time()
@@ -467,6 +471,8 @@ def stage_extras(out: Path, args) -> None:
         for extra in EXTRAS:
             if extra not in skip:
                 evaluate_run(out, "flexkd", alpha, seed, args, extra)
+    for extra, method in LONG.items():  # do the curves flatten because the lr reaches 0? (not evaluated)
+        train(out, method, chosen[method], 1, args, extra)
 
 
 def final_runs(args) -> dict[str, list[str]]:
@@ -544,6 +550,7 @@ def stage_report(args) -> str:
                   + ("The pairings are identical, so `unit_pairing=importance` would repeat the flexkd runs; "
                      "it is not run." if check["identical"] else "flexkd-importance trains with that pairing.")]  # fmt: skip
     lines += _dev_section(args, result)
+    lines += _long_section(args, result)
     per_row = {label: {n: scores(args, n) for n in names} for label, names in final_runs(args).items()}
     per_row = {label: {n: s for n, s in runs.items() if s is not None} for label, runs in per_row.items()}
     teacher, cut = scores(args, "teacher"), scores(args, "cut")
@@ -611,6 +618,26 @@ def _dev_section(args, result: dict) -> list[str]:
         cells = " | ".join(f"{finals[s]:.3f}" if s in finals else "" for s in seeds)
         lines.append(f"| {label} | {cells} | {mean:.3f} ± {sd:.3f} | {diff} |")
     return lines
+
+
+def _long_section(args, result: dict) -> list[str]:
+    """The flattening check: seed 1 of sft, rkl and flexkd at their chosen weights, 60 against 120 steps."""
+    chosen, rows = chosen_weights(args), []
+    for extra, method in LONG.items():
+        short, long = (load_record(args, run_name(method, chosen[method], 1, e)) for e in ("", extra))
+        if short is not None and long is not None:
+            at60 = dict(long["dev_curve"]).get(60)
+            rows.append(f"| {method} | {short['dev_curve'][-1][1]:.3f} | {at60:.3f} | {long['dev_curve'][-1][1]:.3f} | "
+                        f"{long['dev_curve'][-1][1] - short['dev_curve'][-1][1]:+.3f} |")  # fmt: skip
+            result.setdefault("long", {})[method] = {
+                "steps60": short["dev_curve"],
+                "steps120": long["dev_curve"],
+            }
+    if not rows:
+        return []
+    return ["", f"## Longer training (seed 1, {LONG_STEPS} steps, the same warmup and cosine to 0; dev NLL)", "",
+            "| method | 60-step run, final | 120-step run at step 60 | 120-step run, final | 120 minus 60 |",
+            "| --- | --- | --- | --- | --- |", *rows]  # fmt: skip
 
 
 def _cost_section(records: list[dict], args) -> list[str]:
