@@ -140,6 +140,18 @@ def test_response_nll_equals_float64_cross_entropy():
     padded = response_nll(model, nll_batches(rows, tokenizer, max_length=400, batch_size=2, num_batches=5))
     assert padded.tokens == got.tokens and padded.nll_sum == pytest.approx(got.nll_sum, rel=1e-6)
     assert (NLLResult(1.0, 2) + NLLResult(3.0, 2)).mean == 1.0
+    # batched by length (what the job does): the same sum, and less padding than file order
+    batches = list(nll_batches(rows, tokenizer, max_length=400, batch_size=2, by_length=True))
+    sorted_result = response_nll(model, batches)
+    assert sorted_result.tokens == got.tokens and sorted_result.nll_sum == pytest.approx(
+        expected_sum, rel=1e-5
+    )
+    lengths = sorted(len(data.encode_example(r.prompt, r.references[0], tokenizer, max_length=400)["input_ids"])
+                     for r in rows)  # fmt: skip
+    assert [b["input_ids"].shape[1] for b in batches] == [max(lengths[i : i + 2]) for i in range(0, 5, 2)]
+    assert [int(b["attention_mask"].sum()) for b in batches] == [
+        sum(lengths[i : i + 2]) for i in range(0, 5, 2)
+    ]
 
 
 # ------------------------------------------------------------------------------------------- generation

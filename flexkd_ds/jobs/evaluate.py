@@ -270,7 +270,8 @@ def _split_nll(model, tokenizer, rows: Sequence[EvalRow], opts: EvalOptions, env
     mine, slots = _my_share(len(rows), env)
     max_length = min(opts.max_length, max_positions(model.config) or opts.max_length)
     batches = nll_batches([rows[i] for i in mine], tokenizer, max_length=max_length,
-                          batch_size=opts.batch_size, num_batches=math.ceil(slots / opts.batch_size))  # fmt: skip
+                          batch_size=opts.batch_size, num_batches=math.ceil(slots / opts.batch_size),
+                          by_length=True)  # fmt: skip
     result = response_nll(model, batches)
     if env is None:
         return result
