@@ -372,9 +372,14 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
               "--max-length=512", "--dtype=bf16"]  # fmt: skip
     nll_dir, rouge_dir = out / "eval" / name / "nll", out / "eval" / name / "rouge"
     start = time.time()
+    nll_marker = nll_dir / "driver.json"
+    if (nll_dir / "results.json").is_file() and not nll_marker.is_file() and not args.dry_run:
+        shutil.rmtree(nll_dir)  # made before the NLL pass batched rows by length: redone, so all rows match
     if not (nll_dir / "results.json").is_file():
         run([*common, "--batch-size=16", f"--out={nll_dir}", "--metrics", "nll"],
             out / "logs" / f"eval-{name}-nll.log", args)  # fmt: skip
+        if not args.dry_run:
+            nll_marker.write_text(json.dumps({"batch_size": 16, "by_length": True}))
     if not (rouge_dir / "results.json").is_file():
         run([*common, f"--batch-size={args.gen_batch_size}", f"--out={rouge_dir}", "--metrics", "rouge",
              "--decoding", "both", f"--max-rows={args.rouge_rows}", f"--max-new-tokens={args.max_new_tokens}"],
@@ -395,6 +400,7 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     }
     marker = rouge_dir / "driver.json"  # absent: generated before the batch size became an option (16)
     table["gen_batch_size"] = json.loads(marker.read_text())["batch_size"] if marker.is_file() else 16
+    table["nll_by_length"] = True
     table["seconds"] = {
         "nll": nll.get("seconds"),
         "rouge": rouge.get("seconds"),
@@ -407,7 +413,7 @@ def evaluate_run(out: Path, method: str, weight, seed: int, args, extra: str = "
     """Train (if its record or student is missing) and evaluate one run; the scores go into its record."""
     name = run_name(method, weight, seed, extra)
     record = load_record(args, name)
-    if record is not None and "eval" in record:
+    if record is not None and record.get("eval", {}).get("nll_by_length"):
         return
     train(out, method, weight, seed, args, extra, need_student=True)
     scores = evaluate(out, name, str(out / "runs" / name / "student"), args)
@@ -416,7 +422,8 @@ def evaluate_run(out: Path, method: str, weight, seed: int, args, extra: str = "
 
 
 def evaluate_reference(out: Path, name: str, source: Path, args) -> None:
-    if load_record(args, name) is None:
+    record = load_record(args, name)
+    if record is None or not record["eval"].get("nll_by_length"):
         scores = evaluate(out, name, str(source), args)
         if not args.dry_run:  # the cut's hash: records of one grid (load_record) whatever the row
             save_record(

@@ -51,6 +51,7 @@ def test_evaluate_reads_what_the_evaluation_job_writes(cm, tmp_path):
                        metric, "--max-rows", "3", "--max-new-tokens", "4", "--batch-size", "2", "--no-progress",
                        *extra])  # fmt: skip
     args = cm.parse_args(["--out", str(out), "--records", str(tmp_path / "records")])
+    (out / "eval" / "m" / "nll" / "driver.json").write_text('{"by_length": true}')  # as the driver leaves it
     table = cm.evaluate(out, "m", str(model_dir), args)  # both results on disk: nothing is run again
     nll = json.loads((out / "eval" / "m" / "nll" / "results.json").read_text())["models"]["m"]["nll"]
     rouge = json.loads((out / "eval" / "m" / "rouge" / "results.json").read_text())["models"]["m"]["rougeL"]
@@ -61,6 +62,7 @@ def test_evaluate_reads_what_the_evaluation_job_writes(cm, tmp_path):
     for key in ("greedy", "sample", "nll"):
         assert table["Avg"][key] == pytest.approx(sum(table[s][key] for s in cm.TEST_SETS) / 4)
     assert table["gen_batch_size"] == 16  # no driver.json: generated before the option existed
+    assert table["nll_by_length"]
 
 
 def _record(cm, args, method, weight, seed, final_dev, sample=None, nll=None):
