@@ -585,7 +585,9 @@ def stage_report(args) -> str:
                 mean = math.fsum(values) / len(values)
                 sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
                 digits = 3 if metric == "nll" else 2
-                cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}")
+                cells.append(
+                    f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+                )
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
     lines += _paired_sections(per_row, columns, result)
     return _write_report(where, lines, result)
