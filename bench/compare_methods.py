@@ -398,9 +398,12 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     table["Avg"] = {
         k: math.fsum(table[s][k] for s in TEST_SETS) / len(TEST_SETS) for k in ("greedy", "sample", "nll")
     }
-    marker = rouge_dir / "driver.json"  # absent: generated before the batch size became an option (16)
-    table["gen_batch_size"] = json.loads(marker.read_text())["batch_size"] if marker.is_file() else 16
-    table["nll_by_length"] = True
+    # driver.json: how the driver ran each (absent for ROUGE-L: before the batch size was an option, 16)
+    rouge_how = (
+        json.loads((rouge_dir / "driver.json").read_text()) if (rouge_dir / "driver.json").is_file() else {}
+    )
+    table["gen_batch_size"] = rouge_how.get("batch_size", 16)
+    table["nll_by_length"] = json.loads(nll_marker.read_text())["by_length"]
     table["seconds"] = {
         "nll": nll.get("seconds"),
         "rouge": rouge.get("seconds"),
@@ -566,11 +569,11 @@ def stage_report(args) -> str:
     columns = [*TEST_SETS, "Avg"]
     for metric, title in (("sample", "ROUGE-L, sampled (5 seeds), mean ± std over training seeds"),
                           ("greedy", "ROUGE-L, greedy"), ("nll", "response NLL (nats/token, every row)")):  # fmt: skip
+        digits = 3 if metric == "nll" else 2
         lines += ["", f"## {title}", "", "| method | " + " | ".join(columns) + " | seeds |",
                   "| --- |" + " --- |" * (len(columns) + 1)]  # fmt: skip
         for label, reference in (("teacher (SmolLM2-135M)", teacher), ("cut, untrained", cut)):
             if reference:
-                digits = 3 if metric == "nll" else 2
                 lines.append(
                     f"| {label} | "
                     + " | ".join(f"{reference[c][metric]:.{digits}f}" for c in columns)
@@ -584,7 +587,6 @@ def stage_report(args) -> str:
                 values = [r[c][metric] for r in runs.values()]
                 mean = math.fsum(values) / len(values)
                 sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-                digits = 3 if metric == "nll" else 2
                 cells.append(
                     f"{mean:.{digits}f} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
                 )
@@ -613,7 +615,7 @@ def _dev_section(args, result: dict) -> list[str]:
     ref = rows.get("rkl", {})
     for label, finals in rows.items():
         values = list(finals.values())
-        mean, _ = t_interval(values)
+        mean = statistics.fmean(values)
         sd = statistics.stdev(values) if len(values) > 1 else float("nan")
         paired = sorted(set(finals) & set(ref), key=int)
         diff = "-"
@@ -660,11 +662,10 @@ def _cost_section(records: list[dict], args) -> list[str]:
         if "wall_s" in r:
             part = "extras" if r.get("extra") else "selection (seed 1)" if r["seed"] == 1 else "seeds 2.."
             parts[part].append(r["wall_s"])
-        spent = [v for v in r.get("eval", {}).get("seconds", {}).values() if v] or [
-            r.get("eval", {}).get("wall_s")
-        ]
-        if spent[0]:  # the evaluations' own clocks (the driver's is 0 when it found them on disk)
-            parts["evaluations"].append(sum(spent))
+        ev = r.get("eval", {})  # the evaluations' own clocks (the driver's is 0 when it found them on disk)
+        spent = sum(v for v in ev.get("seconds", {}).values() if v) or ev.get("wall_s")
+        if spent:
+            parts["evaluations"].append(spent)
     lines = ["", "## Cost (wall clock on the machine that ran each part; 2 CPU cores)", "",
              "| part | runs | hours | median minutes per run |", "| --- | --- | --- | --- |"]  # fmt: skip
     for part, walls in parts.items():
