@@ -616,7 +616,9 @@ def _dev_section(args, result: dict) -> list[str]:
     for label, finals in rows.items():
         values = list(finals.values())
         mean = statistics.fmean(values)
-        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        spread = (
+            f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f} (one seed)"
+        )
         paired = sorted(set(finals) & set(ref), key=int)
         diff = "-"
         if label != "rkl" and paired:
@@ -627,7 +629,7 @@ def _dev_section(args, result: dict) -> list[str]:
                 else f"{d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"
             )
         cells = " | ".join(f"{finals[s]:.3f}" if s in finals else "" for s in seeds)
-        lines.append(f"| {label} | {cells} | {mean:.3f} ± {sd:.3f} | {diff} |")
+        lines.append(f"| {label} | {cells} | {spread} | {diff} |")
     return lines
 
 
