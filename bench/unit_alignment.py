@@ -42,18 +42,63 @@ from flexkd_ds.inputs import models  # noqa: E402
 MEASURES = ("corr", "corr_shuffled", "flexkd", "cka", "r2")
 
 
-def hidden_states(source: Path, tokenizer, rows, *, batch_size: int) -> torch.Tensor:
-    """(N, d) float64 LM-head inputs of every non-pad token of ``rows`` (bf16 compute, as in training)."""
+def hidden_states(source: Path, tokenizer, rows, *, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) float64 LM-head inputs of every non-pad token of ``rows`` (bf16 compute, as in training), and
+    (N,) the label each token's logits score (-100 where no response token follows: the NLL skips it)."""
     model = models.load_causal_lm(source, dtype=torch.bfloat16)
     model.eval()
-    kept = []
+    kept, labels = [], []
     with torch.no_grad(), head_inputs(model) as captured:
         for batch in metrics.nll_batches(
             rows, tokenizer, max_length=256, batch_size=batch_size, by_length=True
         ):
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            kept.append(captured.pop()[batch["attention_mask"].bool()].double())
-    return torch.cat(kept)
+            tokens = batch["attention_mask"].bool()
+            kept.append(captured.pop()[tokens].double())
+            labels.append(torch.where(batch["loss_mask"], batch["labels"], -100)[tokens])
+    return torch.cat(kept), torch.cat(labels)
+
+
+def response_nll(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> float:
+    """Mean -log p(label) of the rows with a label, logits = hidden @ head.T in float32 (chunked)."""
+    rows = (labels != -100).nonzero().squeeze(1)
+    total = 0.0
+    for start in range(0, len(rows), chunk):
+        take = rows[start : start + chunk]
+        logits = hidden[take].float() @ head.float().T
+        total += float(torch.nn.functional.cross_entropy(logits, labels[take], reduction="sum"))
+    return total / len(rows)
+
+
+def head_oracles(
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.Tensor,
+    units: torch.Tensor,
+    pruned: torch.Tensor | None = None,
+) -> dict:
+    """What the cut's head (the teacher's head restricted to ``units``) can do with the teacher's own states.
+
+    kept: the teacher's kept units, as they are (a student that met Flex-KD's target exactly, scale 1);
+    affine: each kept unit under the per-unit scale and shift closest (least squares) to ``lsq`` (Flex-KD's
+    loss is blind to both, so this is also a perfect Flex-KD student); lsq: the input whose logits are closest
+    (least squares, per token) to the teacher's: kept units plus what the head can carry of the dropped ones.
+    Response NLL of each on the dev rows, and how well ``lsq`` correlates with the kept units. ``pruned``: the
+    cut's head as saved (default: ``head[:, units]``)."""
+    pruned = head[:, units] if pruned is None else pruned
+    lsq_map = torch.linalg.lstsq(pruned, head).solution  # (d_S, d_T): teacher logits ~ pruned @ map @ h
+    kept, lsq = teacher[:, units], teacher @ lsq_map.T
+    kc, lc = centred(kept), centred(lsq)
+    scale = (kc * lc).sum(0) / kc.pow(2).sum(0)
+    affine = kc * scale + lsq.mean(0)
+    return {
+        "nll_teacher": response_nll(teacher, head, labels),
+        "nll_kept": response_nll(kept, pruned, labels),
+        "nll_affine": response_nll(affine, pruned, labels),
+        "nll_lsq": response_nll(lsq, pruned, labels),
+        "corr_lsq_kept": float(unit_correlations(lsq, kept).mean()),
+        "tokens": int((labels != -100).sum()),
+    }
 
 
 def centred(x: torch.Tensor) -> torch.Tensor:
@@ -95,30 +140,60 @@ def method_of(name: str) -> str:
     return name if name in ("cut", "teacher") else name.rsplit("-seed", 1)[0]
 
 
-def markdown(results: dict, tokens: int) -> str:
+def final_dev_nll(records: Path, name: str) -> float | None:
+    """The run's last dev NLL from its bench/compare_methods.py record (None for the cut or no record)."""
+    path = records / "runs" / f"{name}.json"
+    curve = json.loads(path.read_text()).get("dev_curve") if path.is_file() else None
+    return curve[-1][1] if curve else None
+
+
+def markdown(results: dict, oracle: dict, tokens: int, records: Path) -> str:
     lines = [
         "# Unit alignment on the dev split (diagnostic)",
         "",
         f"`bench/unit_alignment.py`: {tokens:,} tokens of the 100 dev rows; the student's LM-head input against "
         "the teacher's, float64. corr: mean correlation of paired units (Flex-KD's C_mm); shuffled: the same "
         "with the teacher units permuted; flexkd: sum (1 - C_mm)^2; cka: linear CKA to all 576 teacher units; "
-        "r2: share of the teacher's centred state a linear map of the student's explains.",
+        "r2: share of the teacher's centred state a linear map of the student's explains; dev NLL: the run's "
+        "final dev NLL (its record).",
         "",
-        "| model | runs | " + " | ".join(MEASURES) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in MEASURES) + " |",
+        "| model | runs | " + " | ".join(MEASURES) + " | dev NLL |",
+        "| --- | --- | " + " | ".join("---" for _ in MEASURES) + " | --- |",
     ]
-    groups: dict[str, list[dict]] = {}
-    for name, values in results.items():
-        groups.setdefault(method_of(name), []).append(values)
-    for method, runs in groups.items():
+    groups: dict[str, list[str]] = {}
+    for name in results:
+        groups.setdefault(method_of(name), []).append(name)
+    for method, names in groups.items():
         cells = []
         for key in MEASURES:
-            vals = [r[key] for r in runs]
+            vals = [results[n][key] for n in names]
             digits = 1 if key == "flexkd" else 3
             spread = f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""
             cells.append(f"{statistics.fmean(vals):.{digits}f}{spread}")
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sd over training seeds."]
+        nlls = [v for v in (final_dev_nll(records, n) for n in names) if v is not None]
+        cells.append(f"{statistics.fmean(nlls):.3f}" if nlls else "")
+        lines.append(f"| {method} | {len(names)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Mean ± sd over training seeds.",
+        "",
+        "## What the cut's head can do with the teacher's own states",
+        "",
+        f"Response NLL on the dev rows ({oracle['tokens']:,} tokens) of logits from the teacher's last hidden "
+        "state: the teacher's head on all 576 units; the cut's head (the teacher's restricted to the 432 kept "
+        "units) on the kept units as they are, on each kept unit under the per-unit scale and shift closest to "
+        "lsq (a perfect Flex-KD student: its loss ignores both), and on lsq, the 432-unit input whose logits "
+        "are closest (least squares) to the teacher's.",
+        "",
+        "| input | NLL |",
+        "| --- | --- |",
+        f"| teacher head, all units | {oracle['nll_teacher']:.3f} |",
+        f"| cut head, kept units | {oracle['nll_kept']:.3f} |",
+        f"| cut head, kept units, best per-unit affine | {oracle['nll_affine']:.3f} |",
+        f"| cut head, least-squares input | {oracle['nll_lsq']:.3f} |",
+        "",
+        f"Mean correlation of the least-squares input with the kept unit it replaces: {oracle['corr_lsq_kept']:.3f}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -149,11 +224,18 @@ def main(argv=None) -> None:
     tokenizer = models.load_tokenizer(args.out / "teacher")
     rows = metrics.load_eval_rows(args.out / "data" / "dev.jsonl")
     start = time.time()
-    teacher = hidden_states(args.out / "teacher", tokenizer, rows, batch_size=args.batch_size)
+    teacher, labels = hidden_states(args.out / "teacher", tokenizer, rows, batch_size=args.batch_size)
     print(
         f"teacher: {teacher.shape[0]} tokens x {teacher.shape[1]} units ({time.time() - start:.0f} s)",
         flush=True,
     )
+    head = head_weight(args.out / "teacher")
+    cut_head = head_weight(cut)
+    if not torch.equal(cut_head, head[:, units].to(torch.bfloat16).double()):  # the cut is saved from bf16
+        raise SystemExit(f"the cut's head is not the teacher's restricted to {pairing}'s units")
+    oracle = head_oracles(teacher, labels, head, units, cut_head)
+    print("head oracles: " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()), flush=True)
+
     path = args.records / "unit_alignment.json"
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     for name in names:
@@ -161,15 +243,28 @@ def main(argv=None) -> None:
             continue  # measured before (the runs do not change)
         start = time.time()
         source = cut if name == "cut" else args.out / "runs" / name / "student"
-        student = hidden_states(source, tokenizer, rows, batch_size=args.batch_size)
-        if student.shape[0] != teacher.shape[0]:
-            raise SystemExit(f"{name}: {student.shape[0]} tokens against the teacher's {teacher.shape[0]}")
+        student, student_labels = hidden_states(source, tokenizer, rows, batch_size=args.batch_size)
+        if not torch.equal(student_labels, labels):
+            raise SystemExit(f"{name}: its tokens are not the teacher's (another tokenizer?)")
         results[name] = measure(student, teacher, units, shuffled)
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items())
               + f" ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
-        path.write_text(json.dumps({"tokens": teacher.shape[0], "results": results}, indent=1) + "\n")
-    (args.records / "unit_alignment.md").write_text(markdown(results, teacher.shape[0]))
+        save(path, teacher.shape[0], oracle, results)
+    save(path, teacher.shape[0], oracle, results)
+    (args.records / "unit_alignment.md").write_text(markdown(results, oracle, teacher.shape[0], args.records))
     print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def head_weight(source: Path) -> torch.Tensor:
+    """The LM head (V, d) of a saved model, float64 (tied to the embedding in SmolLM2)."""
+    model = models.load_causal_lm(source, dtype=torch.float32)
+    return model.get_output_embeddings().weight.detach().double()
+
+
+def save(path: Path, tokens: int, oracle: dict, results: dict) -> None:
+    path.write_text(
+        json.dumps({"tokens": tokens, "head_oracles": oracle, "results": results}, indent=1) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -53,3 +53,32 @@ def test_a_linear_map_of_the_teacher_is_fully_explained(ua):
     student = teacher @ torch.from_numpy(rng.normal(size=(8, 8)))  # invertible map: nothing lost
     assert ua.linear_r2(student, teacher) == pytest.approx(1.0, abs=1e-9)
     assert ua.unit_correlations(teacher, teacher).numpy() == pytest.approx(np.ones(8))
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    return float(-logp[np.arange(len(labels)), labels].mean())
+
+
+def test_head_oracles_against_numpy(ua):
+    """A head whose dropped columns are combinations of the kept ones loses nothing with the least-squares
+    input (its NLL is the teacher's); the kept units alone lose the dropped columns' share."""
+    rng = np.random.default_rng(2)
+    vocab, d_t, units = 40, 6, np.array([4, 0, 2, 5])
+    head = rng.normal(size=(vocab, d_t))
+    head[:, [1, 3]] = head[:, units] @ rng.normal(size=(4, 2))  # dropped = combinations of kept
+    hidden = rng.normal(size=(200, d_t)) * 2
+    labels = rng.integers(0, vocab, size=200)
+    labels[::7] = -100  # rows without a response token: skipped
+    got = ua.head_oracles(
+        torch.from_numpy(hidden), torch.from_numpy(labels), torch.from_numpy(head), torch.from_numpy(units)
+    )
+    rows = labels != -100
+    teacher_nll = _nll(hidden[rows] @ head.T, labels[rows])
+    kept_nll = _nll(hidden[rows][:, units] @ head[:, units].T, labels[rows])
+    assert got["tokens"] == rows.sum()
+    assert got["nll_teacher"] == pytest.approx(teacher_nll, rel=1e-5)
+    assert got["nll_kept"] == pytest.approx(kept_nll, rel=1e-5)
+    assert got["nll_lsq"] == pytest.approx(teacher_nll, rel=1e-5)
+    assert abs(got["nll_kept"] - teacher_nll) > 0.1  # the dropped columns mattered
