@@ -194,6 +194,24 @@ def markdown(results: dict, oracle: dict, tokens: int, records: Path) -> str:
         "",
         f"Mean correlation of the least-squares input with the kept unit it replaces: {oracle['corr_lsq_kept']:.3f}.",
     ]
+    per_unit = oracle.get("per_unit", {})
+    runs = [k for k in per_unit if k not in ("groups", "logit_weight_share")]
+    if runs:
+        lines += [
+            "",
+            "## Paired-unit correlation by the unit's weight in the teacher's logits",
+            "",
+            "Kept units in quarters of 108 by weight = |head column|^2 x the teacher unit's variance on these "
+            "tokens (largest first); the share of the summed weight each quarter holds; the mean correlation "
+            "of the runs' units in it.",
+            "",
+            "| quarter | weight share | " + " | ".join(runs) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in runs) + " |",
+        ]
+        for i, share in enumerate(per_unit["logit_weight_share"]):
+            lines.append(
+                f"| {i + 1} | {share:.3f} | " + " | ".join(f"{per_unit[r][i]:.3f}" for r in runs) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +223,9 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=int, default=432, help="the cut's width (default 432)")
     p.add_argument("--runs", nargs="*", default=None,
                    help="names under --out/runs (and 'cut'); default: every run with a student")  # fmt: skip
+    p.add_argument("--per-unit", nargs="*", default=["rkl-b0.5-seed1", "flexkd-a0.05-seed1"],
+                   help="runs whose per-unit correlations are grouped by the units' weight in the teacher's "
+                        "logits (default: rkl and flexkd seed 1)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
 
@@ -250,6 +271,17 @@ def main(argv=None) -> None:
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items())
               + f" ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
         save(path, teacher.shape[0], oracle, results)
+    per_unit = {"groups": "quarters of the 432 kept units by logit weight, largest first"}
+    weight = head[:, units].pow(2).sum(0) * teacher[:, units].var(0)  # how far each unit moves the logits
+    quarters = torch.argsort(weight, descending=True).chunk(4)
+    per_unit["logit_weight_share"] = [float(weight[q].sum() / weight.sum()) for q in quarters]
+    for name in args.per_unit:
+        source = cut if name == "cut" else args.out / "runs" / name / "student"
+        student, _ = hidden_states(source, tokenizer, rows, batch_size=args.batch_size)
+        corr = unit_correlations(student, teacher[:, units])
+        per_unit[name] = [float(corr[q].mean()) for q in quarters]
+        print(f"{name} per quarter: " + ", ".join(f"{v:.3f}" for v in per_unit[name]), flush=True)
+    oracle["per_unit"] = per_unit
     save(path, teacher.shape[0], oracle, results)
     (args.records / "unit_alignment.md").write_text(markdown(results, oracle, teacher.shape[0], args.records))
     print(f"wrote {path} and {path.with_suffix('.md')}")
