@@ -18,7 +18,10 @@ those tokens at once (the ``global`` scope over the whole split):
 - ``r2``: the share of the teacher's centred hidden state that the best linear map of the student's
   explains (least squares on these tokens; what projector + rkl trains, its projector being such a map).
 
-The dev rows are the ones the weights were chosen on, never a test set: this is a diagnostic.
+Two more sections, from the teacher's own states: ``head_oracles`` (the dev NLL the cut's head reaches on the
+teacher's kept units as they are, per-unit rescaled, or compensated for the dropped units by least squares),
+and, for the ``--per-unit`` runs, the paired correlation in quarters of the kept units by their weight in the
+teacher's logits. The dev rows are the ones the weights were chosen on, never a test set: a diagnostic.
 """
 
 from __future__ import annotations
