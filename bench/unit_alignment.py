@@ -21,7 +21,11 @@ those tokens at once (the ``global`` scope over the whole split):
 Two more sections, from the teacher's own states: ``head_oracles`` (the dev NLL the cut's head reaches on the
 teacher's kept units as they are, per-unit rescaled, or compensated for the dropped units by least squares),
 and, for the ``--per-unit`` runs, the paired correlation in quarters of the kept units by their weight in the
-teacher's logits. The dev rows are the ones the weights were chosen on, never a test set: a diagnostic.
+teacher's logits, and ``residual_structure``: each student unit split into the part its teacher unit explains
+(per-unit least squares) and the rest, and what the student's own head makes of each part. ``noise_curve``:
+the dev NLL of the teacher's kept units with independent noise added to bring each unit's correlation down
+to rho (what a given paired correlation is worth when the error is unstructured). The dev rows are the ones
+the weights were chosen on, never a test set: a diagnostic.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from flexkd_ds.evaluation.ablation import head_inputs  # noqa: E402
 from flexkd_ds.inputs import models  # noqa: E402
 
 MEASURES = ("corr", "corr_shuffled", "flexkd", "cka", "r2")
+PER_UNIT = ("sft-seed1", "rkl-b0.5-seed1", "rkl-b1-seed1", "flexkd-a0.05-seed1")
+NOISE_RHOS = (0.4, 0.575, 0.7, 0.9, 0.97, 1.0)
 
 
 def hidden_states(source: Path, tokenizer, rows, *, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +110,72 @@ def head_oracles(
     }
 
 
+def residual_structure(
+    student: torch.Tensor,
+    kept: torch.Tensor,
+    head: torch.Tensor,
+    cut_head: torch.Tensor,
+    labels: torch.Tensor,
+    permutation: torch.Tensor,
+) -> dict:
+    """Split each student unit m into ``matched`` = slope_m * (centred teacher unit m) + the unit's mean (the
+    per-unit least-squares fit of the student unit on its paired teacher unit ``kept[:, m]``) and ``residual``
+    = the rest, and measure what the student's own ``head`` (V, d_S) makes of them.
+
+    Response NLL of: the student (``nll_student``); ``matched`` alone (``nll_matched``); ``matched`` plus the
+    residual of other tokens (rows permuted by ``permutation``: same covariance, no information about the
+    token; ``nll_matched_noise``); the student with each centred unit shrunk to the matched part's scale, by
+    |C_mm| (does ``matched`` win by its content or only by being smaller? ``nll_student_shrunk``); the
+    teacher's unit at the student unit's own scale and mean, sign of the slope (a student whose Flex-KD loss
+    is 0; ``nll_teacher_scaled``); the student through ``cut_head``, the head it started from
+    (``nll_cut_head``). ``residual_share``: the residual's share of the student's centred
+    energy (the mean of 1 - C_mm^2, energy-weighted). ``logit_*``: the head's view of the centred energy,
+    ||head x||^2 summed over tokens, split as matched + residual + cross term (the three sum to 1); a negative
+    cross term means the residual partly cancels the matched part in the logits."""
+    s, t = centred(student), centred(kept)
+    slope = (s * t).sum(0) / t.pow(2).sum(0)
+    mean = student.mean(0)
+    matched = t * slope
+    residual = s - matched
+    scaled = t * (s.norm(dim=0) / t.norm(dim=0)) * torch.where(slope < 0, -1.0, 1.0).to(t.dtype)
+    gram = head.T @ head
+
+    def energy(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(((x @ gram) * y).sum())
+
+    total = energy(s, s)
+    return {
+        "nll_student": response_nll(student, head, labels),
+        "nll_matched": response_nll(matched + mean, head, labels),
+        "nll_matched_noise": response_nll(matched + residual[permutation] + mean, head, labels),
+        "nll_student_shrunk": response_nll(s * (matched.norm(dim=0) / s.norm(dim=0)) + mean, head, labels),
+        "nll_teacher_scaled": response_nll(scaled + mean, head, labels),
+        "nll_cut_head": response_nll(student, cut_head, labels),
+        "residual_share": float(residual.pow(2).sum() / s.pow(2).sum()),
+        "logit_matched": energy(matched, matched) / total,
+        "logit_residual": energy(residual, residual) / total,
+        "logit_cross": 2 * energy(matched, residual) / total,
+    }
+
+
+def noise_curve(
+    kept: torch.Tensor, cut_head: torch.Tensor, labels: torch.Tensor, rhos, *, seed: int = 0
+) -> dict[str, float]:
+    """Response NLL through ``cut_head`` of the teacher's kept units with independent Gaussian noise added to
+    unit m, of variance var_m (1 / rho^2 - 1) so that its correlation with the clean unit is rho (in
+    expectation), then rescaled to the clean unit's mean and standard deviation. Keys: rho as '%.3f'."""
+    gen = torch.Generator().manual_seed(seed)
+    sd, mean = kept.std(dim=0), kept.mean(dim=0)
+    curve = {}
+    for rho in rhos:
+        if not 0 < rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {rho}")
+        noise = torch.randn(kept.shape, generator=gen, dtype=kept.dtype) * sd * (1 / rho**2 - 1) ** 0.5
+        noisy = centred(kept + noise)
+        curve[f"{rho:.3f}"] = response_nll(noisy / noisy.std(dim=0) * sd + mean, cut_head, labels)
+    return curve
+
+
 def centred(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=0, keepdim=True)
 
@@ -150,7 +222,7 @@ def final_dev_nll(records: Path, name: str) -> float | None:
     return curve[-1][1] if curve else None
 
 
-def markdown(results: dict, oracle: dict, tokens: int, records: Path) -> str:
+def markdown(results: dict, oracle: dict, tokens: int, records: Path, structure: dict | None = None) -> str:
     lines = [
         "# Unit alignment on the dev split (diagnostic)",
         "",
@@ -215,7 +287,53 @@ def markdown(results: dict, oracle: dict, tokens: int, records: Path) -> str:
             lines.append(
                 f"| {i + 1} | {share:.3f} | " + " | ".join(f"{per_unit[r][i]:.3f}" for r in runs) + " |"
             )
+    lines += structure_markdown(structure or {}, results)
     return "\n".join(lines) + "\n"
+
+
+def structure_markdown(structure: dict, results: dict) -> list[str]:
+    runs, curve = structure.get("runs", {}), structure.get("noise_curve", {})
+    lines = []
+    if runs:
+        lines += [
+            "",
+            "## The part of each student unit its teacher unit explains, and the rest",
+            "",
+            "Each student unit split into matched = its least-squares fit on the paired teacher unit (slope x "
+            "centred teacher unit + the student unit's mean) and residual = the rest. Response NLL through the "
+            "student's own head of: the student; matched alone; matched + the residual of other tokens "
+            "(permuted rows: same covariance, no information about the token); the student with each unit shrunk "
+            "to the matched part's scale (by |C_mm|: the control for matched being smaller); the teacher's unit at the "
+            "student unit's scale (a Flex-KD loss of 0); and the student through the cut's head. Residual: its "
+            "share of the student's centred energy. Logit energy: the head's view of the centred state, "
+            "||head x||^2 over the tokens, as matched + residual + cross term (summing to 1).",
+            "",
+            "| run | corr | residual | NLL student | matched | matched + other tokens' residual | student shrunk "
+            "| teacher unit, student scale | student, cut's head | logit energy matched / residual / cross |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, r in runs.items():
+            corr = f"{results[name]['corr']:.3f}" if name in results else ""
+            lines.append(
+                f"| {name} | {corr} | {r['residual_share']:.3f} | {r['nll_student']:.3f} | "
+                f"{r['nll_matched']:.3f} | {r['nll_matched_noise']:.3f} | {r['nll_student_shrunk']:.3f} | "
+                f"{r['nll_teacher_scaled']:.3f} | "
+                f"{r['nll_cut_head']:.3f} | {r['logit_matched']:.3f} / {r['logit_residual']:.3f} / "
+                f"{r['logit_cross']:.3f} |"
+            )
+    if curve:
+        lines += [
+            "",
+            "## What a paired correlation is worth when the error is unstructured",
+            "",
+            "The teacher's kept units through the cut's head, with independent Gaussian noise added to each unit "
+            "so that it correlates rho with the clean unit, rescaled to the clean unit's mean and scale.",
+            "",
+            "| rho | " + " | ".join(curve) + " |",
+            "| --- | " + " | ".join("---" for _ in curve) + " |",
+            "| NLL | " + " | ".join(f"{v:.3f}" for v in curve.values()) + " |",
+        ]
+    return lines
 
 
 def main(argv=None) -> None:
@@ -226,9 +344,10 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=int, default=432, help="the cut's width (default 432)")
     p.add_argument("--runs", nargs="*", default=None,
                    help="names under --out/runs (and 'cut'); default: every run with a student")  # fmt: skip
-    p.add_argument("--per-unit", nargs="*", default=["rkl-b0.5-seed1", "flexkd-a0.05-seed1"],
+    p.add_argument("--per-unit", nargs="*", default=list(PER_UNIT),
                    help="runs whose per-unit correlations are grouped by the units' weight in the teacher's "
-                        "logits (default: rkl and flexkd seed 1)")  # fmt: skip
+                        "logits and whose units are split into matched and residual parts (default: seed 1 "
+                        "of SFT, rkl at beta 0.5 and 1, Flex-KD)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
 
@@ -244,6 +363,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"no unit_pairing.json under {args.out / 'runs'}: run a feature method first")
     units = torch.tensor(json.loads(pairing.read_text())["units"])
     shuffled = units[torch.randperm(len(units), generator=torch.Generator().manual_seed(0))]
+
+    def source_of(name: str) -> Path:
+        return cut if name == "cut" else args.out / "runs" / name / "student"
 
     tokenizer = models.load_tokenizer(args.out / "teacher")
     rows = metrics.load_eval_rows(args.out / "data" / "dev.jsonl")
@@ -261,32 +383,47 @@ def main(argv=None) -> None:
     print("head oracles: " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()), flush=True)
 
     path = args.records / "unit_alignment.json"
-    results = json.loads(path.read_text())["results"] if path.is_file() else {}
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    results = previous.get("results", {})
     for name in names:
         if name in results and args.runs is None:
             continue  # measured before (the runs do not change)
         start = time.time()
-        source = cut if name == "cut" else args.out / "runs" / name / "student"
-        student, student_labels = hidden_states(source, tokenizer, rows, batch_size=args.batch_size)
+        student, student_labels = hidden_states(source_of(name), tokenizer, rows, batch_size=args.batch_size)
         if not torch.equal(student_labels, labels):
             raise SystemExit(f"{name}: its tokens are not the teacher's (another tokenizer?)")
         results[name] = measure(student, teacher, units, shuffled)
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items())
               + f" ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
-        save(path, teacher.shape[0], oracle, results)
+        save(path, teacher.shape[0], oracle, results, previous.get("structure", {}))
+
+    kept = teacher[:, units]
+    old_per_unit = previous.get("head_oracles", {}).get("per_unit", {})
+    structure = {"runs": dict(previous.get("structure", {}).get("runs", {}))}
+    structure["noise_curve"] = noise_curve(kept, cut_head, labels, NOISE_RHOS)
+    print("noise curve: " + ", ".join(f"rho {k}: {v:.3f}" for k, v in structure["noise_curve"].items()))
     per_unit = {"groups": "quarters of the 432 kept units by logit weight, largest first"}
-    weight = head[:, units].pow(2).sum(0) * teacher[:, units].var(0)  # how far each unit moves the logits
+    weight = head[:, units].pow(2).sum(0) * kept.var(0)  # how far each unit moves the logits
     quarters = torch.argsort(weight, descending=True).chunk(4)
     per_unit["logit_weight_share"] = [float(weight[q].sum() / weight.sum()) for q in quarters]
+    permutation = torch.randperm(teacher.shape[0], generator=torch.Generator().manual_seed(0))
     for name in args.per_unit:
-        source = cut if name == "cut" else args.out / "runs" / name / "student"
-        student, _ = hidden_states(source, tokenizer, rows, batch_size=args.batch_size)
-        corr = unit_correlations(student, teacher[:, units])
+        if name in old_per_unit and name in structure["runs"] and args.runs is None:
+            per_unit[name] = old_per_unit[name]  # measured before
+            continue
+        student, _ = hidden_states(source_of(name), tokenizer, rows, batch_size=args.batch_size)
+        corr = unit_correlations(student, kept)
         per_unit[name] = [float(corr[q].mean()) for q in quarters]
         print(f"{name} per quarter: " + ", ".join(f"{v:.3f}" for v in per_unit[name]), flush=True)
+        structure["runs"][name] = residual_structure(
+            student, kept, head_weight(source_of(name)), cut_head, labels, permutation
+        )
+        print(f"{name} residual: " + ", ".join(f"{k} {v:.3f}" for k, v in structure["runs"][name].items()))
     oracle["per_unit"] = per_unit
-    save(path, teacher.shape[0], oracle, results)
-    (args.records / "unit_alignment.md").write_text(markdown(results, oracle, teacher.shape[0], args.records))
+    save(path, teacher.shape[0], oracle, results, structure)
+    (args.records / "unit_alignment.md").write_text(
+        markdown(results, oracle, teacher.shape[0], args.records, structure)
+    )
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
@@ -296,10 +433,9 @@ def head_weight(source: Path) -> torch.Tensor:
     return model.get_output_embeddings().weight.detach().double()
 
 
-def save(path: Path, tokens: int, oracle: dict, results: dict) -> None:
-    path.write_text(
-        json.dumps({"tokens": tokens, "head_oracles": oracle, "results": results}, indent=1) + "\n"
-    )
+def save(path: Path, tokens: int, oracle: dict, results: dict, structure: dict) -> None:
+    record = {"tokens": tokens, "head_oracles": oracle, "results": results, "structure": structure}
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

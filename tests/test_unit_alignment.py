@@ -82,3 +82,83 @@ def test_head_oracles_against_numpy(ua):
     assert got["nll_kept"] == pytest.approx(kept_nll, rel=1e-5)
     assert got["nll_lsq"] == pytest.approx(teacher_nll, rel=1e-5)
     assert abs(got["nll_kept"] - teacher_nll) > 0.1  # the dropped columns mattered
+
+
+def test_residual_structure_against_numpy(ua):
+    """Matched and residual parts, their NLLs and the head's energy split, recomputed here with numpy."""
+    rng = np.random.default_rng(3)
+    n, d, vocab = 300, 5, 30
+    kept = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=d) + rng.normal(size=d)
+    slope_true = np.array([2.0, -1.0, 0.5, 1.5, -0.3])
+    student = kept * slope_true + 0.7 * rng.normal(size=(n, d)) + 4.0
+    head, cut_head = rng.normal(size=(vocab, d)), rng.normal(size=(vocab, d))
+    labels = rng.integers(0, vocab, size=n)
+    labels[::5] = -100
+    perm = rng.permutation(n)
+    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    got = ua.residual_structure(t(student), t(kept), t(head), t(cut_head), t(labels), t(perm))
+
+    rows = labels != -100
+    fits = [np.polyfit(kept[:, m], student[:, m], 1) for m in range(d)]  # (slope, intercept) per unit
+    slope = np.array([f[0] for f in fits])
+    mean = student.mean(0)
+    matched = (kept - kept.mean(0)) * slope + mean
+    residual = student - matched
+    scaled = (kept - kept.mean(0)) * (student.std(0) / kept.std(0)) * np.sign(slope) + mean
+
+    def nll(x, w):
+        return _nll(x[rows] @ w.T, labels[rows])
+
+    assert got["nll_student"] == pytest.approx(nll(student, head), rel=1e-5)
+    assert got["nll_matched"] == pytest.approx(nll(matched, head), rel=1e-5)
+    assert got["nll_matched_noise"] == pytest.approx(nll(matched + residual[perm], head), rel=1e-5)
+    assert got["nll_teacher_scaled"] == pytest.approx(nll(scaled, head), rel=1e-5)
+    corr = np.array([np.corrcoef(student[:, m], kept[:, m])[0, 1] for m in range(d)])
+    shrunk = (student - mean) * np.abs(corr) + mean
+    assert got["nll_student_shrunk"] == pytest.approx(nll(shrunk, head), rel=1e-5)
+    assert got["nll_cut_head"] == pytest.approx(nll(student, cut_head), rel=1e-5)
+    centred_student = student - mean
+    assert got["residual_share"] == pytest.approx((residual**2).sum() / (centred_student**2).sum(), rel=1e-10)
+    total = ((centred_student @ head.T) ** 2).sum()
+    zm, zr = (matched - mean) @ head.T, residual @ head.T
+    assert got["logit_matched"] == pytest.approx((zm**2).sum() / total, rel=1e-9)
+    assert got["logit_residual"] == pytest.approx((zr**2).sum() / total, rel=1e-9)
+    assert got["logit_cross"] == pytest.approx(2 * (zm * zr).sum() / total, rel=1e-9)
+    assert got["logit_matched"] + got["logit_residual"] + got["logit_cross"] == pytest.approx(1.0)
+
+
+def test_residual_structure_of_an_exact_affine_copy(ua):
+    """A student that is a per-unit affine map of the teacher (signs included) has no residual, and the
+    teacher at the student's scale is the student itself."""
+    rng = np.random.default_rng(4)
+    kept = rng.normal(size=(200, 4))
+    student = kept * np.array([3.0, -2.0, 0.5, -0.1]) + np.array([1.0, 0.0, -2.0, 5.0])
+    head = rng.normal(size=(12, 4))
+    labels = rng.integers(0, 12, size=200)
+    t = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
+    got = ua.residual_structure(t(student), t(kept), t(head), t(head), t(labels), t(rng.permutation(200)))
+    assert got["residual_share"] == pytest.approx(0.0, abs=1e-20)
+    for key in (
+        "nll_matched",
+        "nll_matched_noise",
+        "nll_student_shrunk",
+        "nll_teacher_scaled",
+        "nll_cut_head",
+    ):
+        assert got[key] == pytest.approx(got["nll_student"], rel=1e-6), key
+
+
+def test_noise_curve(ua):
+    """rho = 1 is the clean NLL (numpy); less correlation, worse NLL on labels the clean units predict."""
+    rng = np.random.default_rng(5)
+    kept = rng.normal(size=(2000, 8)) * 3
+    head = rng.normal(size=(20, 8))
+    labels = (kept @ head.T).argmax(1)
+    curve = ua.noise_curve(
+        torch.from_numpy(kept), torch.from_numpy(head), torch.from_numpy(labels), (0.3, 0.9, 1.0)
+    )
+    assert list(curve) == ["0.300", "0.900", "1.000"]
+    assert curve["1.000"] == pytest.approx(_nll(kept @ head.T, labels), rel=1e-5)
+    assert curve["0.300"] > curve["0.900"] + 0.3 > curve["1.000"] + 0.3
+    with pytest.raises(ValueError, match="rho"):
+        ua.noise_curve(torch.from_numpy(kept), torch.from_numpy(head), torch.from_numpy(labels), (0.0,))
