@@ -27,14 +27,16 @@ again; an interrupted run starts again from its start). The shared settings: ``b
            ``launch/distill.py`` with ``model.student`` = the cut, ``teacher_cache.dir`` = the cache, a dev
            NLL every ``train.eval_every`` steps; chosen = the lowest final dev NLL.
 5. seeds   each method at its chosen weight, seeds 2..``--seeds`` (seed 1 is the selection run).
-6. eval    ``launch/evaluate.py`` per student on Dolly, Self-Inst, Vicuna and S-NI: response NLL on every
+6. long    seed 1 of flexkd, rkl and sft at their chosen weights for twice the steps (dev curves only): do
+           the curves flatten because the lr reaches 0, and does flexkd gain on rkl with more training?
+7. eval    ``launch/evaluate.py`` per student on Dolly, Self-Inst, Vicuna and S-NI: response NLL on every
            row; ROUGE-L greedy and sampled (5 seeds, the paper's protocol) on the first ``--rouge-rows``.
-7. extras  same seeds, each evaluated: rkl at beta = 1, the logit term the feature methods carry (when rkl
+8. extras  same seeds, each evaluated: rkl at beta = 1, the logit term the feature methods carry (when rkl
            chose another beta: the control that isolates what a feature term adds); flexkd at its chosen
            alpha with ``correlation_scope=local`` (per rank: 4 sequences) against the default global batch
            of 8, and with ``unit_pairing=importance`` (re-selected and re-ordered by the importance pass)
            against the pruning's identity pairing.
-8. report  ``--records/report.md`` and ``report.json``: the Table-3 layout (ROUGE-L, mean ± std over training
+9. report  ``--records/report.md`` and ``report.json``: the Table-3 layout (ROUGE-L, mean ± std over training
            seeds, the teacher's row), NLL, paired differences against rkl and against flexkd per set and on
            the average with a 95 % t interval over seeds and the (set, seed) counts each way, the dev curves
            (``dev_curves.png``) and the weight selection.
@@ -74,8 +76,8 @@ EXTRAS = {
     "flexkd-importance": ["loss.unit_pairing=importance"],
 }
 LONG_STEPS = 120  # the flattening check: twice the grid's steps, same schedule shape (warmup, cosine to 0)
-LONG = {f"{m}-long": m for m in ("sft", "rkl", "flexkd")}  # seed 1 at the chosen weight; dev curve only
-STAGES = ("data", "prune", "cache", "select", "seeds", "eval", "extras", "report")
+LONG = {f"{m}-long": m for m in ("flexkd", "rkl", "sft")}  # seed 1 at the chosen weight; dev curve only
+STAGES = ("data", "prune", "cache", "select", "seeds", "long", "eval", "extras", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -481,7 +483,13 @@ def stage_extras(out: Path, args) -> None:
         for extra in EXTRAS:
             if extra not in skip:
                 evaluate_run(out, "flexkd", alpha, seed, args, extra)
-    for extra, method in LONG.items():  # do the curves flatten because the lr reaches 0? (not evaluated)
+
+
+def stage_long(out: Path, args) -> None:
+    """Seed 1 of flexkd, rkl and sft at their chosen weights for LONG_STEPS: do the curves flatten because the
+    lr reaches 0, and does Flex-KD gain on rkl with more steps (docs/results.md)? Dev curves only."""
+    chosen = chosen_weights(args)
+    for extra, method in LONG.items():
         train(out, method, chosen[method], 1, args, extra)
 
 
@@ -760,7 +768,8 @@ def main(argv=None) -> None:
         steps = {"data": lambda: stage_data(out), "prune": lambda: stage_prune(out, args),
                  "cache": lambda: (save_cut(out, args), stage_cache(out, args)),
                  "select": lambda: stage_select(out, args),
-                 "seeds": lambda: stage_seeds(out, args), "eval": lambda: stage_eval(out, args),
+                 "seeds": lambda: stage_seeds(out, args), "long": lambda: stage_long(out, args),
+                 "eval": lambda: stage_eval(out, args),
                  "extras": lambda: stage_extras(out, args)}  # fmt: skip
         assert tuple(steps) == STAGES[:-1]
         for stage, step in steps.items():
