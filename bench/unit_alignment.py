@@ -400,7 +400,11 @@ def main(argv=None) -> None:
     kept = teacher[:, units]
     old_per_unit = previous.get("head_oracles", {}).get("per_unit", {})
     structure = {"runs": dict(previous.get("structure", {}).get("runs", {}))}
-    structure["noise_curve"] = noise_curve(kept, cut_head, labels, NOISE_RHOS)
+    old_curve = previous.get("structure", {}).get("noise_curve")
+    if old_curve and list(old_curve) == [f"{r:.3f}" for r in NOISE_RHOS]:
+        structure["noise_curve"] = old_curve  # depends only on the teacher, the cut and the dev rows
+    else:
+        structure["noise_curve"] = noise_curve(kept, cut_head, labels, NOISE_RHOS)
     print("noise curve: " + ", ".join(f"rho {k}: {v:.3f}" for k, v in structure["noise_curve"].items()))
     per_unit = {"groups": "quarters of the 432 kept units by logit weight, largest first"}
     weight = head[:, units].pow(2).sum(0) * kept.var(0)  # how far each unit moves the logits
