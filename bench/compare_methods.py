@@ -26,20 +26,22 @@ again; an interrupted run starts again from its start). The shared settings: ``b
              sft (no weight), fkl / rkl (beta: 0.5 1 2), projector / cka / flexkd + rkl (alpha: 0.005 0.05 0.5);
            ``launch/distill.py`` with ``model.student`` = the cut, ``teacher_cache.dir`` = the cache, a dev
            NLL every ``train.eval_every`` steps; chosen = the lowest final dev NLL.
-5. seeds   each method at its chosen weight, seeds 2..``--seeds`` (seed 1 is the selection run).
-6. long    seed 1 of flexkd, rkl and sft at their chosen weights for twice the steps (dev curves only): do
-           the curves flatten because the lr reaches 0, and does flexkd gain on rkl with more training?
-7. eval    ``launch/evaluate.py`` per student on Dolly, Self-Inst, Vicuna and S-NI: response NLL on every
-           row; ROUGE-L greedy and sampled (5 seeds, the paper's protocol) on the first ``--rouge-rows``.
-8. extras  same seeds, each evaluated: rkl at beta = 1, the logit term the feature methods carry (when rkl
-           chose another beta: the control that isolates what a feature term adds); flexkd at its chosen
-           alpha with ``correlation_scope=local`` (per rank: 4 sequences) against the default global batch
-           of 8, and with ``unit_pairing=importance`` (re-selected and re-ordered by the importance pass)
-           against the pruning's identity pairing.
-9. report  ``--records/report.md`` and ``report.json``: the Table-3 layout (ROUGE-L, mean ± std over training
+5. long    seed 1 of flexkd and rkl at twice ``--steps`` (dev curves only): would more steps still change the
+           final runs? Before the grid, so the protocol is checked before it is spent.
+6. first   seed 1 of every row of the final table at ``--steps`` (default 120; the selection keeps the
+           yaml's 60): each method at its chosen weight, rkl at beta = 1 (the logit term the feature methods
+           carry, when rkl chose another beta: the control that isolates what a feature term adds), flexkd
+           with ``correlation_scope=local`` (per rank: 4 sequences) against the default global batch of 8,
+           and flexkd with ``unit_pairing=importance`` (re-selected and re-ordered by the importance pass)
+           against the pruning's identity pairing when the two pairings differ. Dev curves only.
+7. grid    per training seed 1..``--seeds``, every row of the final table: trained if needed, then
+           ``launch/evaluate.py`` on Dolly, Self-Inst, Vicuna and S-NI (response NLL on every row; ROUGE-L
+           greedy and sampled, 5 seeds, the paper's protocol, on the first ``--rouge-rows``). Seed by seed, so
+           a grid stopped part way has complete paired seeds. The teacher and the untrained cut first.
+8. report  ``--records/report.md`` and ``report.json``: the Table-3 layout (ROUGE-L, mean ± std over training
            seeds, the teacher's row), NLL, paired differences against rkl and against flexkd per set and on
            the average with a 95 % t interval over seeds and the (set, seed) counts each way, the dev curves
-           (``dev_curves.png``) and the weight selection.
+           (``dev_curves.png``), the weight selection, the 60- against the ``--steps``-step runs.
 """
 
 from __future__ import annotations
@@ -75,9 +77,9 @@ EXTRAS = {
     "flexkd-local": ["loss.correlation_scope=local"],
     "flexkd-importance": ["loss.unit_pairing=importance"],
 }
-LONG_STEPS = 120  # the flattening check: twice the grid's steps, same schedule shape (warmup, cosine to 0)
-LONG = {f"{m}-long": m for m in ("flexkd", "rkl", "sft")}  # seed 1 at the chosen weight; dev curve only
-STAGES = ("data", "prune", "cache", "select", "seeds", "long", "eval", "extras", "report")
+SELECT_STEPS = 60  # the yaml's train.max_steps: the weight selection (and the grid's first protocol)
+LONG = ("flexkd", "rkl")  # the flattening check: seed 1 at twice --steps, same warmup and cosine to 0
+STAGES = ("data", "prune", "cache", "select", "long", "first", "grid", "report")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--width", type=int, default=432, help="student units of the teacher's 576 (a multiple of 9)"
     )
     p.add_argument("--seeds", type=int, default=5, help="training seeds per method at its chosen weight")
+    p.add_argument("--steps", type=int, default=120,
+                   help=f"optimizer steps of every run of the final table (the weight selection runs the yaml's "
+                        f"{SELECT_STEPS}; at {SELECT_STEPS}, seed 1 of a method is its selection run)")  # fmt: skip
     p.add_argument("--nprocs", type=int, default=2, help="ranks per distill run (the batch of 8 is split)")
     p.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
     p.add_argument("--report", action="store_true", help="only write the report from what is there")
@@ -242,9 +247,11 @@ def stage_cache(out: Path, args) -> None:
     run(deepspeed("launch/cache_teacher.py", overrides, args), out / "logs" / "cache.log", args)
 
 
-def run_name(method: str, weight: float | None, seed: int, extra: str = "") -> str:
+def run_name(method: str, weight: float | None, seed: int, extra: str = "", steps: int = SELECT_STEPS) -> str:
+    """e.g. flexkd-a0.05-seed2 (60 steps, the selection's), flexkd-local-s120-a0.05-seed2 (120 steps)."""
     tag = "" if weight is None else f"-{METHODS[method][1][0]}{weight:g}"
-    return f"{extra or method}{tag}-seed{seed}"
+    length = "" if steps == SELECT_STEPS else f"-s{steps}"
+    return f"{extra or method}{length}{tag}-seed{seed}"
 
 
 def record_path(args, name: str) -> Path:
@@ -299,11 +306,18 @@ def student_sha256(out: Path, args) -> str:
 
 
 def train(
-    out: Path, method: str, weight, seed: int, args, extra: str = "", need_student: bool = False
+    out: Path,
+    method: str,
+    weight,
+    seed: int,
+    args,
+    extra: str = "",
+    need_student: bool = False,
+    steps: int = SELECT_STEPS,
 ) -> str:
-    """One distill run; returns its name. Skipped when its record exists (with ``need_student``: and its
-    student too)."""
-    name = run_name(method, weight, seed, extra)
+    """One distill run of ``steps`` steps; returns its name. Skipped when its record exists (with
+    ``need_student``: and its student too)."""
+    name = run_name(method, weight, seed, extra, steps)
     run_dir = out / "runs" / name
     record = load_record(args, name)
     if record is not None and (not need_student or (run_dir / "student" / "config.json").is_file()):
@@ -314,8 +328,8 @@ def train(
     # rounding, tests/test_distill.py)
     overrides = [*shared(out), f"model.student={student_dir(out, args)}", f"output_dir={run_dir}", f"seed={seed}",
                  "train.resume=never", "loss.fused_logits=false", *losses, *EXTRAS.get(extra, [])]  # fmt: skip
-    if extra in LONG:
-        overrides.append(f"train.max_steps={LONG_STEPS}")
+    if steps != SELECT_STEPS:  # same warmup, cosine to 0 at the last step
+        overrides.append(f"train.max_steps={steps}")
     if key is not None:
         overrides.append(f"loss.{key}={weight}")
     start = time.time()
@@ -326,7 +340,7 @@ def train(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [(0, held["student_start"])] + [(r["step"], r["valid_lm"]) for r in rows if "valid_lm" in r]
     step_s = statistics.median([(r["teacher_ms"] + r["student_ms"]) / 1e3 for r in rows])
-    fresh = {"name": name, "student_sha256": student_sha256(out, args), "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None,
+    fresh = {"name": name, "student_sha256": student_sha256(out, args), "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None, "steps": steps,
              "overrides": [o.replace(str(out), "<out>") for o in overrides], "dev_curve": curve,
              "last_step": rows[-1], "median_step_s": step_s, "wall_s": round(time.time() - start, 1)}  # fmt: skip
     if record is not None and "eval" in record:  # trained again for its student: the measurements stand
@@ -357,13 +371,6 @@ def stage_select(out: Path, args) -> None:
     for method, (_, _, grid) in METHODS.items():
         for weight in grid:
             train(out, method, weight, 1, args)
-
-
-def stage_seeds(out: Path, args) -> None:
-    chosen = chosen_weights(args)
-    for seed in range(2, args.seeds + 1):
-        for method, weight in chosen.items():
-            train(out, method, weight, seed, args)
 
 
 def evaluate(out: Path, name: str, source: str, args) -> dict:
@@ -414,13 +421,14 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
     return table
 
 
-def evaluate_run(out: Path, method: str, weight, seed: int, args, extra: str = "") -> None:
+def evaluate_run(out: Path, spec: tuple, args) -> None:
     """Train (if its record or student is missing) and evaluate one run; the scores go into its record."""
-    name = run_name(method, weight, seed, extra)
+    name = run_name(*spec)
     record = load_record(args, name)
     if record is not None and record.get("eval", {}).get("nll_by_length"):
         return
-    train(out, method, weight, seed, args, extra, need_student=True)
+    method, weight, seed, extra, steps = spec
+    train(out, method, weight, seed, args, extra, need_student=True, steps=steps)
     scores = evaluate(out, name, str(out / "runs" / name / "student"), args)
     if not args.dry_run:
         save_record(args, name, {**load_record(args, name), "eval": scores})
@@ -434,15 +442,6 @@ def evaluate_reference(out: Path, name: str, source: Path, args) -> None:
             save_record(
                 args, name, {"name": name, "student_sha256": student_sha256(out, args), "eval": scores}
             )
-
-
-def stage_eval(out: Path, args) -> None:
-    evaluate_reference(out, "teacher", teacher_dir(out), args)
-    evaluate_reference(out, "cut", student_dir(out, args), args)  # the common start, untrained
-    chosen = chosen_weights(args)
-    for seed in range(1, args.seeds + 1):
-        for method, weight in chosen.items():
-            evaluate_run(out, method, weight, seed, args)
 
 
 PAIRING_CHECK = "pairing-check"
@@ -473,38 +472,53 @@ def pairing_check(out: Path, args) -> dict:
     return record
 
 
-def stage_extras(out: Path, args) -> None:
+def final_specs(args) -> dict[str, list[tuple]]:
+    """Row label of the final table -> one run spec (method, weight, seed, extra, steps) per training seed:
+    each method at its chosen weight; rkl at FEATURE_BETA when rkl chose another beta; the flexkd extras
+    (flexkd-importance only once the pairing check found the pairings different)."""
     chosen = chosen_weights(args)
-    alpha = chosen["flexkd"]
-    skip = {"flexkd-importance"} if pairing_check(out, args)["identical"] else set()
-    for seed in range(1, args.seeds + 1):
-        if chosen["rkl"] != FEATURE_BETA:
-            evaluate_run(out, "rkl", FEATURE_BETA, seed, args)
-        for extra in EXTRAS:
-            if extra not in skip:
-                evaluate_run(out, "flexkd", alpha, seed, args, extra)
-
-
-def stage_long(out: Path, args) -> None:
-    """Seed 1 of flexkd, rkl and sft at their chosen weights for LONG_STEPS: do the curves flatten because the
-    lr reaches 0, and does Flex-KD gain on rkl with more steps (docs/results.md)? Dev curves only."""
-    chosen = chosen_weights(args)
-    for extra, method in LONG.items():
-        train(out, method, chosen[method], 1, args, extra)
+    seeds = range(1, args.seeds + 1)
+    rows = {m: [(m, w, s, "", args.steps) for s in seeds] for m, w in chosen.items()}
+    if chosen["rkl"] != FEATURE_BETA:
+        rows[CONTROL] = [("rkl", FEATURE_BETA, s, "", args.steps) for s in seeds]
+    check = load_record(args, PAIRING_CHECK)
+    for extra in EXTRAS:
+        if extra == "flexkd-importance" and (check is None or check["identical"]):
+            continue  # not checked yet, or the same pairing as flexkd's: those runs are the flexkd rows
+        rows[extra] = [("flexkd", chosen["flexkd"], s, extra, args.steps) for s in seeds]
+    return rows
 
 
 def final_runs(args) -> dict[str, list[str]]:
-    """Row label -> the run names of its seeds at the chosen weight (whether or not they have run)."""
+    """Row label -> the run names of its seeds (whether or not they have run)."""
+    return {label: [run_name(*spec) for spec in specs] for label, specs in final_specs(args).items()}
+
+
+def stage_first(out: Path, args) -> None:
+    """Seed 1 of every row at ``--steps``: the dev curves of the final protocol before any evaluation."""
+    pairing_check(out, args)
+    for specs in final_specs(args).values():
+        method, weight, seed, extra, steps = specs[0]
+        train(out, method, weight, seed, args, extra, steps=steps)
+
+
+def stage_long(out: Path, args) -> None:
+    """Seed 1 of flexkd and rkl at their chosen weights for twice ``--steps`` (dev curves only): do more steps
+    still move the final runs (docs/results.md)?"""
     chosen = chosen_weights(args)
-    rows = {m: [run_name(m, w, s) for s in range(1, args.seeds + 1)] for m, w in chosen.items()}
-    if chosen["rkl"] != FEATURE_BETA:
-        rows[CONTROL] = [run_name("rkl", FEATURE_BETA, s) for s in range(1, args.seeds + 1)]
-    check = load_record(args, PAIRING_CHECK)
-    for extra in EXTRAS:
-        if extra == "flexkd-importance" and check is not None and check["identical"]:
-            continue  # the same pairing as flexkd's: those runs are the flexkd rows
-        rows[extra] = [run_name("flexkd", chosen["flexkd"], s, extra) for s in range(1, args.seeds + 1)]
-    return rows
+    for method in LONG:
+        train(out, method, chosen[method], 1, args, steps=2 * args.steps)
+
+
+def stage_grid(out: Path, args) -> None:
+    """The teacher and the cut, then seed by seed every row of the final table, trained and evaluated."""
+    evaluate_reference(out, "teacher", teacher_dir(out), args)
+    evaluate_reference(out, "cut", student_dir(out, args), args)  # the common start, untrained
+    pairing_check(out, args)
+    rows = final_specs(args)
+    for seed in range(args.seeds):
+        for specs in rows.values():
+            evaluate_run(out, specs[seed], args)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -568,7 +582,7 @@ def stage_report(args) -> str:
                   + ("The pairings are identical, so `unit_pairing=importance` would repeat the flexkd runs; "
                      "it is not run." if check["identical"] else "flexkd-importance trains with that pairing.")]  # fmt: skip
     lines += _dev_section(args, result)
-    lines += _long_section(args, result)
+    lines += _steps_section(args, result)
     per_row = {label: {n: scores(args, n) for n in names} for label, names in final_runs(args).items()}
     per_row = {label: {n: s for n, s in runs.items() if s is not None} for label, runs in per_row.items()}
     teacher, cut = scores(args, "teacher"), scores(args, "cut")
@@ -641,41 +655,69 @@ def _dev_section(args, result: dict) -> list[str]:
     return lines
 
 
-def _long_section(args, result: dict) -> list[str]:
-    """The flattening check: seed 1 of sft, rkl and flexkd at their chosen weights, 60 against 120 steps."""
-    chosen, rows = chosen_weights(args), []
-    for extra, method in LONG.items():
-        short, long = (load_record(args, run_name(method, chosen[method], 1, e)) for e in ("", extra))
-        if short is not None and long is not None:
-            at60 = dict(long["dev_curve"]).get(60)
-            rows.append(f"| {method} | {short['dev_curve'][-1][1]:.3f} | {at60:.3f} | {long['dev_curve'][-1][1]:.3f} | "
-                        f"{long['dev_curve'][-1][1] - short['dev_curve'][-1][1]:+.3f} |")  # fmt: skip
-            result.setdefault("long", {})[method] = {
-                "steps60": short["dev_curve"],
-                "steps120": long["dev_curve"],
-            }
-    if not rows:
+def _steps_section(args, result: dict) -> list[str]:
+    """The same seeds at the selection's 60 steps and at ``--steps`` (dev NLL; the test-set averages where both
+    were evaluated), and the flattening check at twice ``--steps``."""
+    if args.steps == SELECT_STEPS:
         return []
-    return ["", f"## Longer training (seed 1, {LONG_STEPS} steps, the same warmup and cosine to 0; dev NLL)", "",
-            "| method | 60-step run, final | 120-step run at step 60 | 120-step run, final | 120 minus 60 |",
-            "| --- | --- | --- | --- | --- |", *rows]  # fmt: skip
+    dev_rows, test_rows = [], []
+    for label, specs in final_specs(args).items():
+        for spec in specs:
+            short = load_record(args, run_name(*spec[:4], SELECT_STEPS))
+            final = load_record(args, run_name(*spec))
+            if short is None or final is None or "dev_curve" not in final:
+                continue
+            seed, mid = spec[2], dict(final["dev_curve"]).get(SELECT_STEPS)
+            cells = [f"{short['dev_curve'][-1][1]:.3f}", f"{mid:.3f}" if mid else "-", f"{final['dev_curve'][-1][1]:.3f}",
+                     f"{final['dev_curve'][-1][1] - short['dev_curve'][-1][1]:+.3f}"]  # fmt: skip
+            if spec[0] in LONG and seed == 1 and not spec[3]:
+                long = load_record(args, run_name(*spec[:4], 2 * args.steps))
+                cells.append(f"{long['dev_curve'][-1][1]:.3f}" if long else "")
+            else:
+                cells.append("")
+            dev_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+            result.setdefault("steps", {})[f"{label} seed {seed}"] = {SELECT_STEPS: short["dev_curve"],
+                                                                      args.steps: final["dev_curve"]}  # fmt: skip
+            if "eval" in short:
+                after = final.get("eval", {}).get("Avg")
+                cells = [f"{short['eval']['Avg'][k]:.{3 if k == 'nll' else 2}f}" + (
+                         f" / {after[k]:.{3 if k == 'nll' else 2}f}" if after else "") for k in ("sample", "greedy", "nll")]  # fmt: skip
+                test_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+    if not dev_rows:
+        return []
+    lines = ["", f"## {SELECT_STEPS} steps against {args.steps} (same seed, same warmup, cosine to 0; dev NLL)", "",
+             f"| row | seed | {SELECT_STEPS}-step run, final | {args.steps}-step run at step {SELECT_STEPS} | "
+             f"{args.steps}-step run, final | {args.steps} minus {SELECT_STEPS} | {2 * args.steps}-step run, final |",
+             "| --- | --- | --- | --- | --- | --- | --- |", *dev_rows]  # fmt: skip
+    if test_rows:
+        lines += ["", f"Four-set averages of the {SELECT_STEPS}-step runs evaluated before the grid moved to "
+                  f"{args.steps} steps ({SELECT_STEPS} / {args.steps} where both are evaluated):", "",
+                  "| row | seed | sampled ROUGE-L | greedy ROUGE-L | response NLL |", "| --- | --- | --- | --- | --- |",
+                  *test_rows]  # fmt: skip
+    return lines
 
 
 def _cost_section(records: list[dict], args) -> list[str]:
     """How long each part took, from the records' wall clocks (runs of this setup and cut only)."""
-    parts: dict[str, list[float]] = {
-        p: [] for p in ("selection (seed 1)", "seeds 2..", "extras", "evaluations")
-    }
+    parts: dict[str, list[float]] = {}
     for r in records:
         if load_record(args, r["name"]) is None:
             continue
         if "wall_s" in r:
-            part = "extras" if r.get("extra") else "selection (seed 1)" if r["seed"] == 1 else "seeds 2.."
-            parts[part].append(r["wall_s"])
+            steps = r.get("steps") or SELECT_STEPS
+            if steps == SELECT_STEPS:
+                part = (
+                    "selection (seed 1)"
+                    if r["seed"] == 1 and not r.get("extra")
+                    else "60-step seeds 2.., extras"
+                )
+            else:
+                part = f"{steps}-step runs"
+            parts.setdefault(part, []).append(r["wall_s"])
         ev = r.get("eval", {})  # the evaluations' own clocks (the driver's is 0 when it found them on disk)
         spent = sum(v for v in ev.get("seconds", {}).values() if v) or ev.get("wall_s")
         if spent:
-            parts["evaluations"].append(spent)
+            parts.setdefault("evaluations", []).append(spent)
     lines = ["", "## Cost (wall clock on the machine that ran each part; 2 CPU cores)", "",
              "| part | runs | hours | median minutes per run |", "| --- | --- | --- | --- |"]  # fmt: skip
     for part, walls in parts.items():
@@ -768,9 +810,8 @@ def main(argv=None) -> None:
         steps = {"data": lambda: stage_data(out), "prune": lambda: stage_prune(out, args),
                  "cache": lambda: (save_cut(out, args), stage_cache(out, args)),
                  "select": lambda: stage_select(out, args),
-                 "seeds": lambda: stage_seeds(out, args), "long": lambda: stage_long(out, args),
-                 "eval": lambda: stage_eval(out, args),
-                 "extras": lambda: stage_extras(out, args)}  # fmt: skip
+                 "long": lambda: stage_long(out, args), "first": lambda: stage_first(out, args),
+                 "grid": lambda: stage_grid(out, args)}  # fmt: skip
         assert tuple(steps) == STAGES[:-1]
         for stage, step in steps.items():
             print(f"== {stage}", flush=True)

@@ -65,18 +65,20 @@ def test_evaluate_reads_what_the_evaluation_job_writes(cm, tmp_path):
     assert table["nll_by_length"]
 
 
-def _record(cm, args, method, weight, seed, final_dev, sample=None, nll=None):
-    name = cm.run_name(method, weight, seed)
+def _record(cm, args, method, weight, seed, final_dev, sample=None, nll=None, steps=60):
+    name = cm.run_name(method, weight, seed, steps=steps)
     key = cm.METHODS[method][1]
     record = {"name": name, "student_sha256": "cut", "method": method, "weight": key and {key: weight},
-              "seed": seed, "extra": None, "dev_curve": [[0, 6.6], [60, final_dev]], "median_step_s": 7.0,
-              "wall_s": 600.0}  # fmt: skip
+              "seed": seed, "extra": None, "steps": steps, "dev_curve": [[0, 6.6], [steps, final_dev]],
+              "median_step_s": 7.0, "wall_s": 600.0}  # fmt: skip
     if sample is not None:
         record["eval"] = {s: {"greedy": 10.0 + i, "sample": sample[i], "nll": nll[i]}
                           for i, s in enumerate(cm.TEST_SETS)}  # fmt: skip
         record["eval"]["Avg"] = {k: sum(record["eval"][s][k] for s in cm.TEST_SETS) / 4
                                  for k in ("greedy", "sample", "nll")}  # fmt: skip
         record["eval"]["seconds"] = {"nll": 100.0, "rouge": 200.0}
+    if steps > 60:  # the longer run passes step 60 0.1 above where it ends
+        record["dev_curve"].insert(1, [60, final_dev + 0.1])
     cm.save_record(args, name, record)
 
 
@@ -92,10 +94,19 @@ def test_report_choice_paired_differences_and_counts(cm, tmp_path):
     rkl_sample = {1: [10.0, 8.0, 12.0, 9.0], 2: [11.0, 8.5, 12.5, 9.5], 3: [10.5, 7.0, 13.0, 9.0]}
     flex_sample = {1: [10.5, 8.5, 11.0, 9.5], 2: [11.2, 9.0, 12.0, 9.0], 3: [11.0, 7.5, 13.5, 10.0]}
     nll = [2.6, 2.8, 1.6, 2.7]
-    for seed in (1, 2, 3):
-        _record(cm, args, "rkl", 1.0, seed, 3.9, rkl_sample[seed], nll)
-        _record(cm, args, "flexkd", 0.05, seed, 3.85, flex_sample[seed], [v - 0.01 * seed for v in nll])
+    for seed in (1, 2, 3):  # the final table's runs: 120 steps (the default --steps)
+        _record(cm, args, "rkl", 1.0, seed, 3.8, rkl_sample[seed], nll, steps=120)
+        _record(
+            cm, args, "flexkd", 0.05, seed, 3.75, flex_sample[seed], [v - 0.01 * seed for v in nll], steps=120
+        )
+    _record(cm, args, "flexkd", 0.05, 2, 3.95)  # a 60-step seed 2, not in the final table
+    _record(cm, args, "flexkd", 0.05, 1, 3.7, steps=240)  # the flattening check
     text = cm.stage_report(args)
+    assert result_names(tmp_path)["flexkd"] == [f"flexkd-s120-a0.05-seed{s}" for s in (1, 2, 3)]
+    steps_block = text.split("## 60 steps against 120")[1].split("\n## ")[0]
+    # seed 1: 60-step selection run 3.85, the 120-step run 3.85 at step 60 and 3.75 at 120, 240 steps 3.70
+    assert "| flexkd | 1 | 3.850 | 3.850 | 3.750 | -0.100 | 3.700 |" in steps_block
+    assert "| flexkd | 2 | 3.950 | 3.850 | 3.750 | -0.200 |  |" in steps_block
     result = json.loads((tmp_path / "report.json").read_text())
     assert result["chosen"] == {"sft": None, "fkl": 1.0, "rkl": 1.0, "projector": 0.005, "cka": 0.05,
                                 "flexkd": 0.05}  # fmt: skip
@@ -121,6 +132,16 @@ def test_report_choice_paired_differences_and_counts(cm, tmp_path):
     table = text.split("## ROUGE-L, sampled")[1].split("\n## ")[0]
     row = next(line for line in table.splitlines() if line.startswith("| flexkd |"))
     assert row.split("|")[-3].strip() == f"{sum(avg) / 3:.2f} ± {statistics.stdev(avg):.2f}"
+
+
+def result_names(where: Path) -> dict:
+    return json.loads((where / "report.json").read_text())["rows"]
+
+
+def test_run_names_keep_the_selection_steps_unmarked(cm):
+    assert cm.run_name("flexkd", 0.05, 2) == "flexkd-a0.05-seed2"  # 60 steps: the selection's protocol
+    assert cm.run_name("flexkd", 0.05, 2, "flexkd-local", 120) == "flexkd-local-s120-a0.05-seed2"
+    assert cm.run_name("sft", None, 1, steps=240) == "sft-s240-seed1"
 
 
 def test_records_of_another_setup_are_ignored(cm, tmp_path):
