@@ -656,8 +656,9 @@ def _dev_section(args, result: dict) -> list[str]:
 
 
 def _steps_section(args, result: dict) -> list[str]:
-    """The same seeds at the selection's 60 steps and at ``--steps`` (dev NLL; the test-set averages where both
-    were evaluated), and the flattening check at twice ``--steps``."""
+    """The same seeds at the selection's 60 steps and at ``--steps`` (dev NLL; the test-set averages of the
+    60-step runs evaluated before the grid moved, beside the ``--steps`` run's when it is evaluated too), and
+    the flattening check at twice ``--steps``."""
     if args.steps == SELECT_STEPS:
         return []
     dev_rows, test_rows = [], []
@@ -665,34 +666,35 @@ def _steps_section(args, result: dict) -> list[str]:
         for spec in specs:
             short = load_record(args, run_name(*spec[:4], SELECT_STEPS))
             final = load_record(args, run_name(*spec))
-            if short is None or final is None or "dev_curve" not in final:
+            if short is None:
                 continue
-            seed, mid = spec[2], dict(final["dev_curve"]).get(SELECT_STEPS)
-            cells = [f"{short['dev_curve'][-1][1]:.3f}", f"{mid:.3f}" if mid else "-", f"{final['dev_curve'][-1][1]:.3f}",
-                     f"{final['dev_curve'][-1][1] - short['dev_curve'][-1][1]:+.3f}"]  # fmt: skip
-            if spec[0] in LONG and seed == 1 and not spec[3]:
-                long = load_record(args, run_name(*spec[:4], 2 * args.steps))
-                cells.append(f"{long['dev_curve'][-1][1]:.3f}" if long else "")
-            else:
-                cells.append("")
-            dev_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
-            result.setdefault("steps", {})[f"{label} seed {seed}"] = {SELECT_STEPS: short["dev_curve"],
-                                                                      args.steps: final["dev_curve"]}  # fmt: skip
+            seed = spec[2]
             if "eval" in short:
-                after = final.get("eval", {}).get("Avg")
+                after = (final or {}).get("eval", {}).get("Avg")
                 cells = [f"{short['eval']['Avg'][k]:.{3 if k == 'nll' else 2}f}" + (
                          f" / {after[k]:.{3 if k == 'nll' else 2}f}" if after else "") for k in ("sample", "greedy", "nll")]  # fmt: skip
                 test_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
-    if not dev_rows:
-        return []
-    lines = ["", f"## {SELECT_STEPS} steps against {args.steps} (same seed, same warmup, cosine to 0; dev NLL)", "",
-             f"| row | seed | {SELECT_STEPS}-step run, final | {args.steps}-step run at step {SELECT_STEPS} | "
-             f"{args.steps}-step run, final | {args.steps} minus {SELECT_STEPS} | {2 * args.steps}-step run, final |",
-             "| --- | --- | --- | --- | --- | --- | --- |", *dev_rows]  # fmt: skip
+            if final is None or "dev_curve" not in final:
+                continue
+            mid = dict(final["dev_curve"]).get(SELECT_STEPS)
+            cells = [f"{short['dev_curve'][-1][1]:.3f}", f"{mid:.3f}" if mid else "-", f"{final['dev_curve'][-1][1]:.3f}",
+                     f"{final['dev_curve'][-1][1] - short['dev_curve'][-1][1]:+.3f}"]  # fmt: skip
+            long = load_record(args, run_name(*spec[:4], 2 * args.steps))
+            cells.append(f"{long['dev_curve'][-1][1]:.3f}" if long else "")
+            dev_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+            result.setdefault("steps", {})[f"{label} seed {seed}"] = {
+                str(SELECT_STEPS): short["dev_curve"], str(args.steps): final["dev_curve"],
+                **({str(2 * args.steps): long["dev_curve"]} if long else {})}  # fmt: skip
+    lines = []
+    if dev_rows:
+        lines += ["", f"## {SELECT_STEPS} steps against {args.steps} (same seed, same warmup, cosine to 0; dev NLL)", "",
+                  f"| row | seed | {SELECT_STEPS}-step run, final | {args.steps}-step run at step {SELECT_STEPS} | "
+                  f"{args.steps}-step run, final | {args.steps} minus {SELECT_STEPS} | {2 * args.steps}-step run, final |",
+                  "| --- | --- | --- | --- | --- | --- | --- |", *dev_rows]  # fmt: skip
     if test_rows:
-        lines += ["", f"Four-set averages of the {SELECT_STEPS}-step runs evaluated before the grid moved to "
-                  f"{args.steps} steps ({SELECT_STEPS} / {args.steps} where both are evaluated):", "",
-                  "| row | seed | sampled ROUGE-L | greedy ROUGE-L | response NLL |", "| --- | --- | --- | --- | --- |",
+        lines += ["", f"## Test sets: the {SELECT_STEPS}-step runs evaluated before the grid moved to {args.steps} steps",
+                  "", f"Four-set averages, single runs ({SELECT_STEPS} / {args.steps} steps where both are evaluated):",
+                  "", "| row | seed | sampled ROUGE-L | greedy ROUGE-L | response NLL |", "| --- | --- | --- | --- | --- |",
                   *test_rows]  # fmt: skip
     return lines
 
