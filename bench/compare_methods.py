@@ -583,6 +583,8 @@ def stage_report(args) -> str:
                      "it is not run." if check["identical"] else "flexkd-importance trains with that pairing.")]  # fmt: skip
     lines += _dev_section(args, result)
     lines += _steps_section(args, result)
+    if _plot_steps(where, result.get("steps", {})):
+        lines += ["", "The curves of those runs: `dev_curves_steps.png`."]
     per_row = {label: {n: scores(args, n) for n in names} for label, names in final_runs(args).items()}
     per_row = {label: {n: s for n, s in runs.items() if s is not None} for label, runs in per_row.items()}
     teacher, cut = scores(args, "teacher"), scores(args, "cut")
@@ -790,6 +792,39 @@ def _plot_curves(where: Path, selection: list[dict]) -> None:
     fig.tight_layout()
     where.mkdir(parents=True, exist_ok=True)
     fig.savefig(where / "dev_curves.png", dpi=120)
+
+
+def _plot_steps(where: Path, steps: dict) -> bool:
+    """``dev_curves_steps.png``: seed 1 of each row of the steps section at its lengths (60, --steps, twice
+    --steps)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = {label: curves for label, curves in steps.items() if label.endswith(" seed 1")}
+    if not steps:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {0: ":", 1: "-", 2: "--"}
+    for k, (label, curves) in enumerate(sorted(steps.items())):
+        for j, (length, curve) in enumerate(sorted(curves.items(), key=lambda kv: int(kv[0]))):
+            xs, ys = zip(*curve[1:], strict=True)  # from step 10: step 0 (the cut, 6.6) squashes the rest
+            ax.plot(
+                xs, ys, styles.get(j, "-"), color=colours[k % len(colours)], label=f"{label}, {length} steps"
+            )
+    ax.set_xlabel("optimizer step (batch 8)")
+    ax.set_ylabel("dev response NLL (nats/token, 100 rows)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    where.mkdir(parents=True, exist_ok=True)
+    fig.savefig(where / "dev_curves_steps.png", dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _write_report(where: Path, lines: list[str], result: dict) -> str:
