@@ -106,3 +106,23 @@ def test_every_package_is_listed_in_pyproject():
         if "__pycache__" not in init.parts
     }
     assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
+
+
+def test_the_repository_root_shadows_no_installed_package():
+    """Python started in the repository root (``python -m pytest``, ``python -c``, a notebook) puts the root
+    first on sys.path, so a top-level folder there named like an installed distribution hides it. That broke
+    every model import once transformers (5.25) began importing the PyPI ``kernels`` while the Triton folder
+    was called ``kernels/``. Checked the way a user meets it, and for every top-level folder."""
+    import importlib.metadata
+
+    root = Path(__file__).resolve().parents[1]
+    installed = {
+        name.replace("-", "_").lower()
+        for dist in importlib.metadata.distributions()
+        for name in [dist.metadata["Name"] or "", *(dist.read_text("top_level.txt") or "").split()]
+    }
+    folders = {p.name.lower() for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert not folders & (installed - {"flexkd_ds"}), f"rename: {sorted(folders & installed)}"
+    code = "from transformers import LlamaConfig, GPT2Config; import flexkd_ds.kernels; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
