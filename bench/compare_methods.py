@@ -26,9 +26,10 @@ again; an interrupted run starts again from its start). The shared settings: ``b
              sft (no weight), fkl / rkl (beta: 0.5 1 2), projector / cka / flexkd + rkl (alpha: 0.005 0.05 0.5);
            ``launch/distill.py`` with ``model.student`` = the cut, ``teacher_cache.dir`` = the cache, a dev
            NLL every ``train.eval_every`` steps; chosen = the lowest final dev NLL.
-5. long    seed 1 of flexkd and rkl at twice ``--steps`` (dev curves only): would more steps still change the
-           final runs? Before the grid, so the protocol is checked before it is spent.
-6. first   seed 1 of every row of the final table at ``--steps`` (default 120; the selection keeps the
+5. long    seed 1 of flexkd and rkl at ``--long-steps`` (dev curves only): would more steps still change the
+           final runs? Before the grid, so the protocol is checked before it is spent. (At the default, both
+           are 240: the check that moved the grid from 120 to 240 steps, and seed 1 of the grid.)
+6. first   seed 1 of every row of the final table at ``--steps`` (default 240; the selection keeps the
            yaml's 60): each method at its chosen weight, rkl at beta = 1 (the logit term the feature methods
            carry, when rkl chose another beta: the control that isolates what a feature term adds), flexkd
            with ``correlation_scope=local`` (per rank: 4 sequences) against the default global batch of 8,
@@ -41,7 +42,7 @@ again; an interrupted run starts again from its start). The shared settings: ``b
 8. report  ``--records/report.md`` and ``report.json``: the Table-3 layout (ROUGE-L, mean ± std over training
            seeds, the teacher's row), NLL, paired differences against rkl and against flexkd per set and on
            the average with a 95 % t interval over seeds and the (set, seed) counts each way, the dev curves
-           (``dev_curves.png``), the weight selection, the 60- against the ``--steps``-step runs.
+           (``dev_curves.png``), the weight selection, each run at every length the grid has run.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ EXTRAS = {
     "flexkd-importance": ["loss.unit_pairing=importance"],
 }
 SELECT_STEPS = 60  # the yaml's train.max_steps: the weight selection (and the grid's first protocol)
-LONG = ("flexkd", "rkl")  # the flattening check: seed 1 at twice --steps, same warmup and cosine to 0
+LONG = ("flexkd", "rkl")  # the flattening check: seed 1 at --long-steps, same warmup and cosine to 0
+LENGTHS = (SELECT_STEPS, 120, 240)  # the lengths the grid has run (the report's steps table)
 STAGES = ("data", "prune", "cache", "select", "long", "first", "grid", "report")
 
 
@@ -91,9 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--width", type=int, default=432, help="student units of the teacher's 576 (a multiple of 9)"
     )
     p.add_argument("--seeds", type=int, default=5, help="training seeds per method at its chosen weight")
-    p.add_argument("--steps", type=int, default=120,
+    p.add_argument("--steps", type=int, default=240,
                    help=f"optimizer steps of every run of the final table (the weight selection runs the yaml's "
                         f"{SELECT_STEPS}; at {SELECT_STEPS}, seed 1 of a method is its selection run)")  # fmt: skip
+    p.add_argument("--long-steps", type=int, default=240,
+                   help="the flattening check's length (stage long: seed 1 of flexkd and rkl); when it equals "
+                        "--steps, those runs are seed 1 of the grid")  # fmt: skip
     p.add_argument("--nprocs", type=int, default=2, help="ranks per distill run (the batch of 8 is split)")
     p.add_argument("--until", choices=STAGES, default="report", help="stop after this stage")
     p.add_argument("--report", action="store_true", help="only write the report from what is there")
@@ -503,11 +508,11 @@ def stage_first(out: Path, args) -> None:
 
 
 def stage_long(out: Path, args) -> None:
-    """Seed 1 of flexkd and rkl at their chosen weights for twice ``--steps`` (dev curves only): do more steps
+    """Seed 1 of flexkd and rkl at their chosen weights for ``--long-steps`` (dev curves only): do more steps
     still move the final runs (docs/results.md)?"""
     chosen = chosen_weights(args)
     for method in LONG:
-        train(out, method, chosen[method], 1, args, steps=2 * args.steps)
+        train(out, method, chosen[method], 1, args, steps=args.long_steps)
 
 
 def stage_grid(out: Path, args) -> None:
@@ -658,46 +663,40 @@ def _dev_section(args, result: dict) -> list[str]:
 
 
 def _steps_section(args, result: dict) -> list[str]:
-    """The same seeds at the selection's 60 steps and at ``--steps`` (dev NLL; the test-set averages of the
-    60-step runs evaluated before the grid moved, beside the ``--steps`` run's when it is evaluated too), and
-    the flattening check at twice ``--steps``."""
-    if args.steps == SELECT_STEPS:
-        return []
+    """Each run of the final table beside the same seed at the other lengths the grid has run (60, 120, 240,
+    ``--steps``, ``--long-steps``): final dev NLL; and the test-set averages of every shorter run evaluated
+    before the grid moved, beside the ``--steps`` run's when that is evaluated too."""
+    lengths = sorted({*LENGTHS, args.steps, args.long_steps})
+    others = [n for n in lengths if n != args.steps]
     dev_rows, test_rows = [], []
     for label, specs in final_specs(args).items():
         for spec in specs:
-            short = load_record(args, run_name(*spec[:4], SELECT_STEPS))
-            final = load_record(args, run_name(*spec))
-            if short is None:
+            runs = {n: load_record(args, run_name(*spec[:4], n)) for n in lengths}
+            runs = {n: r for n, r in runs.items() if r is not None and "dev_curve" in r}
+            seed, final = spec[2], runs.get(args.steps)
+            for n in others:
+                if n in runs and "eval" in runs[n]:
+                    after = (final or {}).get("eval", {}).get("Avg")
+                    cells = [f"{runs[n]['eval']['Avg'][k]:.{3 if k == 'nll' else 2}f}" + (
+                             f" / {after[k]:.{3 if k == 'nll' else 2}f}" if after else "") for k in ("sample", "greedy", "nll")]  # fmt: skip
+                    test_rows.append(f"| {label} | {seed} | {n} | " + " | ".join(cells) + " |")
+            if len(runs) < 2:
                 continue
-            seed = spec[2]
-            if "eval" in short:
-                after = (final or {}).get("eval", {}).get("Avg")
-                cells = [f"{short['eval']['Avg'][k]:.{3 if k == 'nll' else 2}f}" + (
-                         f" / {after[k]:.{3 if k == 'nll' else 2}f}" if after else "") for k in ("sample", "greedy", "nll")]  # fmt: skip
-                test_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
-            if final is None or "dev_curve" not in final:
-                continue
-            mid = dict(final["dev_curve"]).get(SELECT_STEPS)
-            cells = [f"{short['dev_curve'][-1][1]:.3f}", f"{mid:.3f}" if mid else "-", f"{final['dev_curve'][-1][1]:.3f}",
-                     f"{final['dev_curve'][-1][1] - short['dev_curve'][-1][1]:+.3f}"]  # fmt: skip
-            long = load_record(args, run_name(*spec[:4], 2 * args.steps))
-            cells.append(f"{long['dev_curve'][-1][1]:.3f}" if long else "")
+            cells = [f"{runs[n]['dev_curve'][-1][1]:.3f}" if n in runs else "" for n in lengths]
             dev_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
             result.setdefault("steps", {})[f"{label} seed {seed}"] = {
-                str(SELECT_STEPS): short["dev_curve"], str(args.steps): final["dev_curve"],
-                **({str(2 * args.steps): long["dev_curve"]} if long else {})}  # fmt: skip
+                str(n): r["dev_curve"] for n, r in runs.items()
+            }
     lines = []
     if dev_rows:
-        lines += ["", f"## {SELECT_STEPS} steps against {args.steps} (same seed, same warmup, cosine to 0; dev NLL)", "",
-                  f"| row | seed | {SELECT_STEPS}-step run, final | {args.steps}-step run at step {SELECT_STEPS} | "
-                  f"{args.steps}-step run, final | {args.steps} minus {SELECT_STEPS} | {2 * args.steps}-step run, final |",
-                  "| --- | --- | --- | --- | --- | --- | --- |", *dev_rows]  # fmt: skip
+        lines += ["", "## Training length (same seed, same warmup, cosine to 0 at the last step; final dev NLL)", "",
+                  "| row | seed | " + " | ".join(f"{n} steps" for n in lengths) + " |",
+                  "| --- | --- |" + " --- |" * len(lengths), *dev_rows]  # fmt: skip
     if test_rows:
-        lines += ["", f"## Test sets: the {SELECT_STEPS}-step runs evaluated before the grid moved to {args.steps} steps",
-                  "", f"Four-set averages, single runs ({SELECT_STEPS} / {args.steps} steps where both are evaluated):",
-                  "", "| row | seed | sampled ROUGE-L | greedy ROUGE-L | response NLL |", "| --- | --- | --- | --- | --- |",
-                  *test_rows]  # fmt: skip
+        lines += ["", f"## Test sets: shorter runs evaluated before the grid moved to {args.steps} steps", "",
+                  f"Four-set averages, single runs (shorter / {args.steps} steps where both are evaluated):", "",
+                  "| row | seed | steps | sampled ROUGE-L | greedy ROUGE-L | response NLL |",
+                  "| --- | --- | --- | --- | --- | --- |", *test_rows]  # fmt: skip
     return lines
 
 
@@ -795,8 +794,7 @@ def _plot_curves(where: Path, selection: list[dict]) -> None:
 
 
 def _plot_steps(where: Path, steps: dict) -> bool:
-    """``dev_curves_steps.png``: seed 1 of each row of the steps section at its lengths (60, --steps, twice
-    --steps)."""
+    """``dev_curves_steps.png``: seed 1 of each row of the steps section at each length it has run."""
     try:
         import matplotlib
 

@@ -83,7 +83,7 @@ def _record(cm, args, method, weight, seed, final_dev, sample=None, nll=None, st
 
 
 def test_report_choice_paired_differences_and_counts(cm, tmp_path):
-    args = cm.parse_args(["--records", str(tmp_path), "--seeds", "3", "--report"])
+    args = cm.parse_args(["--records", str(tmp_path), "--seeds", "3", "--steps", "120", "--report"])
     finals = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 3.9, 2.0: 4.0},
               "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
               "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip
@@ -94,7 +94,7 @@ def test_report_choice_paired_differences_and_counts(cm, tmp_path):
     rkl_sample = {1: [10.0, 8.0, 12.0, 9.0], 2: [11.0, 8.5, 12.5, 9.5], 3: [10.5, 7.0, 13.0, 9.0]}
     flex_sample = {1: [10.5, 8.5, 11.0, 9.5], 2: [11.2, 9.0, 12.0, 9.0], 3: [11.0, 7.5, 13.5, 10.0]}
     nll = [2.6, 2.8, 1.6, 2.7]
-    for seed in (1, 2, 3):  # the final table's runs: 120 steps (the default --steps)
+    for seed in (1, 2, 3):  # the final table's runs: 120 steps (--steps)
         _record(cm, args, "rkl", 1.0, seed, 3.8, rkl_sample[seed], nll, steps=120)
         _record(
             cm, args, "flexkd", 0.05, seed, 3.75, flex_sample[seed], [v - 0.01 * seed for v in nll], steps=120
@@ -103,10 +103,11 @@ def test_report_choice_paired_differences_and_counts(cm, tmp_path):
     _record(cm, args, "flexkd", 0.05, 1, 3.7, steps=240)  # the flattening check
     text = cm.stage_report(args)
     assert result_names(tmp_path)["flexkd"] == [f"flexkd-s120-a0.05-seed{s}" for s in (1, 2, 3)]
-    steps_block = text.split("## 60 steps against 120")[1].split("\n## ")[0]
-    # seed 1: 60-step selection run 3.85, the 120-step run 3.85 at step 60 and 3.75 at 120, 240 steps 3.70
-    assert "| flexkd | 1 | 3.850 | 3.850 | 3.750 | -0.100 | 3.700 |" in steps_block
-    assert "| flexkd | 2 | 3.950 | 3.850 | 3.750 | -0.200 |  |" in steps_block
+    steps_block = text.split("## Training length")[1].split("\n## ")[0]
+    # seed 1: the 60-step selection run ends at 3.85, the 120-step run at 3.75, the 240-step check at 3.70
+    assert "| row | seed | 60 steps | 120 steps | 240 steps |" in steps_block
+    assert "| flexkd | 1 | 3.850 | 3.750 | 3.700 |" in steps_block
+    assert "| flexkd | 2 | 3.950 | 3.750 |  |" in steps_block
     result = json.loads((tmp_path / "report.json").read_text())
     assert result["chosen"] == {"sft": None, "fkl": 1.0, "rkl": 1.0, "projector": 0.005, "cka": 0.05,
                                 "flexkd": 0.05}  # fmt: skip
