@@ -768,60 +768,59 @@ def _paired_sections(per_row: dict, columns: list[str], result: dict) -> list[st
     return lines
 
 
-def _plot_curves(where: Path, selection: list[dict]) -> None:
+def _axes():
+    """(pyplot, figure, axes) for a dev-curve plot, or None without matplotlib (the report is text first)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    if not selection:
-        return
+        return None
     fig, ax = plt.subplots(figsize=(8, 5))
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: Path) -> None:
+    ax.set_xlabel("optimizer step (batch 8)")
+    ax.set_ylabel("dev response NLL (nats/token, 100 rows)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_curves(where: Path, selection: list[dict]) -> None:
+    if not selection or (made := _axes()) is None:
+        return
+    plt, fig, ax = made
     for row in selection:
         steps, values = zip(*row["curve"], strict=True)
         ax.plot(steps, values, label=f"{row['method']} {row['weight'] or ''}".strip(),
                 linewidth=2.2 if row["chosen"] else 0.9)  # fmt: skip
-    ax.set_xlabel("optimizer step (batch 8)")
-    ax.set_ylabel("dev response NLL (nats/token, 100 rows)")
     ax.set_ylim(top=min(ax.get_ylim()[1], 2 * min(r["curve"][-1][1] for r in selection)))
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    where.mkdir(parents=True, exist_ok=True)
-    fig.savefig(where / "dev_curves.png", dpi=120)
+    _save(plt, fig, ax, where / "dev_curves.png")
 
 
 def _plot_steps(where: Path, steps: dict) -> bool:
-    """``dev_curves_steps.png``: seed 1 of each row of the steps section at each length it has run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    """``dev_curves_steps.png``: seed 1 of each row of the steps section at each length it has run (one colour
+    per row, one line style per length)."""
     steps = {label: curves for label, curves in steps.items() if label.endswith(" seed 1")}
-    if not steps:
+    if not steps or (made := _axes()) is None:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
+    plt, fig, ax = made
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = {0: ":", 1: "-", 2: "--"}
+    lengths = sorted({int(n) for curves in steps.values() for n in curves})
+    styles = dict(zip(lengths, [":", "-", "--", "-."] * len(lengths), strict=False))
     for k, (label, curves) in enumerate(sorted(steps.items())):
-        for j, (length, curve) in enumerate(sorted(curves.items(), key=lambda kv: int(kv[0]))):
+        for length, curve in sorted(curves.items(), key=lambda kv: int(kv[0])):
             xs, ys = zip(*curve[1:], strict=True)  # from step 10: step 0 (the cut, 6.6) squashes the rest
             ax.plot(
-                xs, ys, styles.get(j, "-"), color=colours[k % len(colours)], label=f"{label}, {length} steps"
+                xs, ys, styles[int(length)], color=colours[k % len(colours)], label=f"{label}, {length} steps"
             )
-    ax.set_xlabel("optimizer step (batch 8)")
-    ax.set_ylabel("dev response NLL (nats/token, 100 rows)")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    where.mkdir(parents=True, exist_ok=True)
-    fig.savefig(where / "dev_curves_steps.png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, ax, where / "dev_curves_steps.png")
     return True
 
 
