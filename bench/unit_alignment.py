@@ -385,6 +385,7 @@ def main(argv=None) -> None:
     path = args.records / "unit_alignment.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     results = previous.get("results", {})
+    states = {}  # hidden states of --per-unit runs measured here, reused by the split below
     for name in names:
         if name in results and args.runs is None:
             continue  # measured before (the runs do not change)
@@ -393,6 +394,8 @@ def main(argv=None) -> None:
         if not torch.equal(student_labels, labels):
             raise SystemExit(f"{name}: its tokens are not the teacher's (another tokenizer?)")
         results[name] = measure(student, teacher, units, shuffled)
+        if name in args.per_unit:
+            states[name] = student
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items())
               + f" ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
         save(path, teacher.shape[0], oracle, results, previous.get("structure", {}))
@@ -415,7 +418,9 @@ def main(argv=None) -> None:
         if name in old_per_unit and name in structure["runs"] and args.runs is None:
             per_unit[name] = old_per_unit[name]  # measured before
             continue
-        student, _ = hidden_states(source_of(name), tokenizer, rows, batch_size=args.batch_size)
+        student = states.pop(name, None)
+        if student is None:
+            student, _ = hidden_states(source_of(name), tokenizer, rows, batch_size=args.batch_size)
         corr = unit_correlations(student, kept)
         per_unit[name] = [float(corr[q].mean()) for q in quarters]
         print(f"{name} per quarter: " + ", ".join(f"{v:.3f}" for v in per_unit[name]), flush=True)
