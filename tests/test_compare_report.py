@@ -152,3 +152,67 @@ def test_records_of_another_setup_are_ignored(cm, tmp_path):
     other = cm.parse_args(["--records", str(tmp_path), "--report", "--rouge-rows", "50"])
     assert cm.load_record(other, "sft-seed1") is None  # another evaluation protocol: not comparable
     assert math.isnan(cm.t_interval([1.0])[1])  # one value: no interval
+
+
+def test_time_limit_starts_only_the_jobs_the_records_say_fit(cm, tmp_path, capsys):
+    records, out = tmp_path / "records", tmp_path / "out"
+
+    def parse(*extra):
+        return cm.parse_args(
+            ["--records", str(records), "--out", str(out), "--seeds", "2", "--dry-run", *extra]
+        )
+
+    args = parse()
+    finals = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 3.9, 2.0: 4.0},
+              "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
+              "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip
+    for method, grid in finals.items():  # the selection: 60 steps, 600 s each
+        for weight, final in grid.items():
+            _record(cm, args, method, weight, 1, final)
+    for method, weight, wall in (("rkl", 1.0, 2300.0), ("flexkd", 0.05, 2900.0)):  # seed 1 at 240 steps
+        _record(cm, args, method, weight, 1, 3.7, steps=240)
+        name = cm.run_name(method, weight, 1, steps=240)
+        cm.save_record(args, name, {**cm.load_record(args, name), "wall_s": wall})
+    (out / "runs" / "rkl-s240-b1-seed1" / "student").mkdir(parents=True)
+    (out / "runs" / "rkl-s240-b1-seed1" / "student" / "config.json").write_text("{}")
+    evals = {"cut": (450.0, 1800.0), "sft-seed1": (500.0, 2000.0)}  # what two evaluations took
+    for name, (nll, rouge) in evals.items():
+        record = cm.load_record(args, name) or {"name": name, "student_sha256": "cut"}
+        cm.save_record(args, name, {**record, "eval": {"seconds": {"nll": nll, "rouge": rouge}, "nll_by_length": True}})  # fmt: skip
+    cm.save_record(
+        args, cm.PAIRING_CHECK, {"name": cm.PAIRING_CHECK, "student_sha256": "cut", "identical": True}
+    )
+
+    # the longest measurement of the same kind: method and length, else length, else the slowest rate
+    assert cm.estimate_s(args, "train", "flexkd", 240) == 2900.0
+    assert cm.estimate_s(args, "train", "sft", 240) == 2900.0
+    assert cm.estimate_s(args, "train", "sft", 120) == pytest.approx(
+        max(600 / 60, 2300 / 240, 2900 / 240) * 120
+    )
+    assert cm.estimate_s(args, "nll") == 500.0 + 60 and cm.estimate_s(args, "rouge") == 2000.0 + 60
+
+    def commands():
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+
+    # stage first: sft, fkl, projector, cka and flexkd-local still to train at 240 steps (~2900 s each)
+    capsys.readouterr()
+    tight = parse("--time-limit", "45")
+    cm.stage_first(out.resolve(), tight)
+    assert commands() == [] and len(tight.skipped) == 5
+    roomy = parse("--time-limit", "50")
+    cm.stage_first(out.resolve(), roomy)
+    assert len(commands()) == 5 and roomy.skipped == []
+    # stage grid with 20 min: no training, no ROUGE-L pass (~34 min); the NLL passes (~9 min) of the teacher
+    # and of the one trained run of the table
+    grid = parse("--time-limit", "20")
+    cm.stage_grid(out.resolve(), grid)
+    ran = commands()
+    assert len(ran) == 2 and all("launch/evaluate.py" in c and "--metrics nll" in c for c in ran)
+    assert "--model=teacher=" in ran[0] and "--model=rkl-s240-b1-seed1=" in ran[1]
+    assert any(s.startswith("eval-teacher-rouge ") for s in grid.skipped)
+    assert any(s.startswith("sft-s240-seed1 ") for s in grid.skipped)
+
+
+def test_time_limit_must_be_positive(cm):
+    with pytest.raises(SystemExit):
+        cm.parse_args(["--time-limit", "0"])
