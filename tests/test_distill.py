@@ -70,6 +70,24 @@ def tiny_dataset(cfg):
     return dataset
 
 
+def test_holdout_validation_is_a_seeded_slice_or_none_on_too_small_a_training_set(tmp_path):
+    """data.valid=holdout (the default for one's own data): data.valid_holdout training rows, not trained on;
+    with fewer than 10x as many rows nothing is held out and there is no validation set (this used to stop
+    the job with "InstructionDataset needs at least one row")."""
+    _, _, tokenizer = model_specs(recipe_config(tmp_path))
+    small = recipe_config(tmp_path, ["data.valid=holdout"])  # 200 rows < 10 x 64
+    assert train_dataset(small, tokenizer, CPU, valid=True) is None
+    assert len(train_dataset(small, tokenizer, CPU)) == 200  # all trained on
+    cfg = recipe_config(tmp_path, ["data.valid=holdout", "data.valid_holdout=20"])
+    valid, train = train_dataset(cfg, tokenizer, CPU, valid=True), train_dataset(cfg, tokenizer, CPU)
+    assert (len(valid), len(train)) == (20, 180)
+    everything = recipe_config(tmp_path, ["data.valid=null"])
+    all_ids = [tuple(e["input_ids"]) for e in train_dataset(everything, tokenizer, CPU)]
+    held = [tuple(e["input_ids"]) for e in valid]
+    kept = [tuple(e["input_ids"]) for e in train]
+    assert sorted(held + kept) == sorted(all_ids)  # a split of the same rows (the generator repeats some)
+
+
 def test_scoring_leaves_no_hook_and_no_hidden_state_on_the_teacher(tmp_path):
     """The importance pass reads the teacher's LM-head input through a hook; when it ends the hook is gone
     (it used to stay for the whole run, keeping the last hidden state alive)."""

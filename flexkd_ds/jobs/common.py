@@ -175,9 +175,10 @@ def load_rows(cfg: DistillConfig, source: str, split: str, max_rows: int | None,
 
 def train_dataset(
     cfg: DistillConfig, tokenizer, env: DistEnv, *, valid: bool = False, engine=None, teacher_name: str = ""
-) -> data.InstructionDataset:
-    """The tokenised training set (or, with ``valid=True``, ``data.valid``). When the teacher writes the
-    responses (``needs_teacher_responses``), ``engine`` is the teacher's engine (jobs.responses)."""
+) -> data.InstructionDataset | None:
+    """The tokenised training set (or, with ``valid=True``, ``data.valid``; None when ``data.valid=holdout``
+    holds nothing out of too small a training set). When the teacher writes the responses
+    (``needs_teacher_responses``), ``engine`` is the teacher's engine (jobs.responses)."""
     source, split = (
         (cfg.data.valid, cfg.data.valid_split) if valid else (cfg.data.train, cfg.data.train_split)
     )
@@ -190,6 +191,8 @@ def train_dataset(
         )
     if holdout:
         rows = holdout_split(cfg, list(rows), valid)
+        if valid and not rows:
+            return None  # too few training rows to hold any out (logged by the training set's call)
     if needs_teacher_responses(cfg, valid):
         from flexkd_ds.jobs.responses import teacher_responses
 

@@ -184,8 +184,8 @@ def run_distill(cfg: DistillConfig) -> Path:
     cached = cached_teacher(cfg, teacher, dataset, env, pad_id) if use_cache else None
     valid_set = None
     if cfg.data.valid:
+        # None: data.valid=holdout on too small a training set (logged)
         valid_set = train_dataset(cfg, tokenizer, env, valid=True, engine=t_engine, teacher_name=teacher.name)
-        valid_set = valid_set if len(valid_set) else None  # data.valid=holdout on too small a training set
     if (
         env.is_main
     ):  # inputs checked: only now write the config (a refused launch leaves output_dir as it was)
