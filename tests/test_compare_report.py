@@ -211,6 +211,14 @@ def test_time_limit_starts_only_the_jobs_the_records_say_fit(cm, tmp_path, capsy
     assert "--model=teacher=" in ran[0] and "--model=rkl-s240-b1-seed1=" in ran[1]
     assert any(s.startswith("eval-teacher-rouge ") for s in grid.skipped)
     assert any(s.startswith("sft-s240-seed1 ") for s in grid.skipped)
+    # without a limit: seed 1 keeps the yaml's dev point every 10 steps, later seeds take one every 30
+    cm.stage_grid(out.resolve(), parse())
+    trains = [c for c in commands() if "launch/distill.py" in c]
+    # seed 1: all rows but rkl (its student is there; flexkd's record is, its student is not); seed 2: all 7
+    assert len(trains) == 6 + 7
+    later = [c for c in trains if " seed=2 " in c]
+    assert len(later) == 7 and all(" train.eval_every=30 " in c + " " for c in later)
+    assert not any("eval_every" in c for c in trains if " seed=1 " in c)
 
 
 def test_time_limit_must_be_positive(cm):
