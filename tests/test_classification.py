@@ -142,6 +142,23 @@ def test_presets_fill_columns_labels_split_and_metric():
     assert (stsb.num_labels, stsb.metric) == (1, "pearson_spearman")
 
 
+def test_holdout_validation_follows_the_10x_rule(tmp_path):
+    """data.valid=holdout holds data.valid_holdout rows out only of a training set 10x as large (the option's
+    documented rule, as for instruction data); before, 64 of 60 rows left nothing to train on."""
+    from flexkd_ds.inputs.config import load_config
+    from flexkd_ds.jobs.classify import load_sets
+    from flexkd_ds.jobs.common import model_specs
+
+    def sets(*overrides):
+        cfg = load_config(TINY, [f"output_dir={tmp_path}", "data.valid=holdout", *overrides])
+        return load_sets(cfg, model_specs(cfg)[2], D.resolve_source(cfg.data, cfg.classify))
+
+    train, valid = sets("data.num_synthetic=60")  # 60 < 10 x 64: all trained on, no validation
+    assert len(train) == 60 and valid is None
+    train, valid = sets("data.num_synthetic=256", "data.valid_holdout=16")
+    assert (len(train), len(valid)) == (240, 16)
+
+
 # ------------------------------------------------------------------------------------- end to end
 
 

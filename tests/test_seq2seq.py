@@ -99,6 +99,28 @@ def run_tiny(tmp_path, overrides=(), nprocs=2, check=True):
     return run_recipe(TINY, tmp_path, overrides, nprocs, check)
 
 
+def test_holdout_validation_is_a_slice_of_ones_own_rows(tmp_path):
+    """data.valid=holdout (the default beside one's own data.train) holds data.valid_holdout rows of the
+    training file out, when it has 10x as many; it used to be looked up as a hub dataset named 'holdout'."""
+    from flexkd_ds.inputs.config import load_config
+    from flexkd_ds.jobs.seq2seq import load_rows
+
+    def split(count, *overrides):
+        path = tmp_path / f"rows{count}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in D.generated_rows(count, seed=3)))
+        cfg = load_config(
+            TINY, [f"output_dir={tmp_path}", f"data.train={path}", "data.valid=holdout", *overrides]
+        )
+        return D.generated_rows(count, seed=3), *load_rows(cfg, D.resolve_source(cfg.data))
+
+    everything, train, valid = split(200, "data.valid_holdout=20")
+    assert (len(train), len(valid)) == (180, 20)
+    key = lambda r: (r["text"], r["target"])  # noqa: E731
+    assert sorted(map(key, train + valid)) == sorted(map(key, everything))
+    everything, train, valid = split(100)  # 100 < 10 x 64: nothing held out
+    assert train == everything and valid is None
+
+
 def test_tiny_seq2seq_two_ranks_end_to_end(tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 

@@ -29,7 +29,7 @@ from flexkd_ds.evaluation.classification_metrics import task_metrics
 from flexkd_ds.inputs import classification as cls_data
 from flexkd_ds.inputs import models
 from flexkd_ds.inputs.config import DistillConfig
-from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
+from flexkd_ds.jobs.common import HOLDOUT, ModelSpec, holdout_split, model_specs, name_student
 from flexkd_ds.jobs.prune import check_prune_request, task_pruned_spec
 from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
@@ -157,16 +157,14 @@ def teacher_outputs(engine, batch, pooling: str) -> tuple[Tensor, Tensor]:
 
 
 def load_sets(cfg: DistillConfig, tokenizer, source: cls_data.ClassificationSource):
-    """(train, valid or None) datasets; ``data.valid=holdout`` takes ``data.valid_holdout`` seeded rows."""
+    """(train, valid or None) datasets; ``data.valid=holdout`` takes ``data.valid_holdout`` seeded rows
+    (jobs.common.holdout_split, the rule of every task)."""
     rows = cls_data.load_rows(source.train, source.train_split, source.fields, source.num_labels,
                               max_rows=cfg.data.max_train_rows, seed=cfg.seed,
                               num_generated=cfg.data.num_synthetic)  # fmt: skip
     valid_rows = None
-    if source.valid == "holdout":
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held = set(order[: cfg.data.valid_holdout])
-        valid_rows = [rows[i] for i in sorted(held)]
-        rows = [r for i, r in enumerate(rows) if i not in held]
+    if source.valid == HOLDOUT:
+        valid_rows, rows = holdout_split(cfg, rows, valid=True), holdout_split(cfg, rows, valid=False)
     elif source.valid == cls_data.BUILTIN_CLASSIFICATION:
         valid_rows = cls_data.generated_rows(64, cfg.seed + 7919, source.num_labels)
     elif source.valid:

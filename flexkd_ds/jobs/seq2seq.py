@@ -24,7 +24,7 @@ from flexkd_ds.inputs import models
 from flexkd_ds.inputs import seq2seq as s2s_data
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.jobs.classify import reusable_importance
-from flexkd_ds.jobs.common import ModelSpec, model_specs, name_student
+from flexkd_ds.jobs.common import HOLDOUT, ModelSpec, holdout_split, model_specs, name_student
 from flexkd_ds.jobs.prune import check_prune_request, task_pruned_spec
 from flexkd_ds.jobs.task_run import TaskRun
 from flexkd_ds.method import importance
@@ -86,6 +86,22 @@ def model_inputs(batch: dict) -> dict:
     }
 
 
+def load_rows(cfg: DistillConfig, source: s2s_data.Seq2SeqSource) -> tuple[list[dict], list[dict] | None]:
+    """(training rows, validation rows or None); ``data.valid=holdout`` takes ``data.valid_holdout`` seeded
+    rows of the training rows (jobs.common.holdout_split, the rule of every task)."""
+    rows = s2s_data.load_rows(source.train, source.train_split, source.fields, max_rows=cfg.data.max_train_rows,
+                              seed=cfg.seed, num_generated=cfg.data.num_synthetic)  # fmt: skip
+    if source.valid == HOLDOUT:
+        return holdout_split(cfg, rows, valid=False), holdout_split(cfg, rows, valid=True) or None
+    if source.valid == s2s_data.BUILTIN_SEQ2SEQ:
+        return rows, s2s_data.generated_rows(cfg.seq2seq.eval_rows, cfg.seed + 7919)
+    if source.valid:
+        return rows, s2s_data.load_rows(
+            source.valid, source.valid_split, source.fields, max_rows=cfg.seq2seq.eval_rows
+        )
+    return rows, None
+
+
 def run_seq2seq(cfg: DistillConfig) -> Path:
     from flexkd_ds.jobs.distill import keep_resolved_config, student_ds_dict
 
@@ -105,15 +121,7 @@ def run_seq2seq(cfg: DistillConfig) -> Path:
         check_prune_request(cfg, teacher.config, d_student)
     if flexkd_on and d_student >= d_teacher:
         raise ValueError(f"flexkd selects d_S of the teacher's d_T units: d_S={d_student} >= d_T={d_teacher}")
-    rows = s2s_data.load_rows(source.train, source.train_split, source.fields, max_rows=cfg.data.max_train_rows,
-                              seed=cfg.seed, num_generated=cfg.data.num_synthetic)  # fmt: skip
-    valid_rows = None
-    if source.valid == s2s_data.BUILTIN_SEQ2SEQ:
-        valid_rows = s2s_data.generated_rows(s2.eval_rows, cfg.seed + 7919)
-    elif source.valid:
-        valid_rows = s2s_data.load_rows(
-            source.valid, source.valid_split, source.fields, max_rows=s2.eval_rows
-        )
+    rows, valid_rows = load_rows(cfg, source)
     train_set = s2s_data.Seq2SeqDataset(rows, tokenizer, cfg.data.max_length, s2.max_target_length)
     pad_id = tokenizer.pad_token_id
     start_id = teacher.config.decoder_start_token_id
