@@ -727,7 +727,7 @@ def _dev_section(args, result: dict) -> list[str]:
 
 def _steps_section(args, result: dict) -> list[str]:
     """Each run of the final table beside the same seed at the other lengths the grid has run (60, 120, 240,
-    ``--steps``, ``--long-steps``): final dev NLL; and the test-set averages of every shorter run evaluated
+    ``--steps``, ``--long-steps``): final dev NLL, and the lowest point of the ``--steps`` curve; and the test-set averages of every shorter run evaluated
     before the grid moved, beside the ``--steps`` run's when that is evaluated too."""
     lengths = sorted({*LENGTHS, args.steps, args.long_steps})
     others = [n for n in lengths if n != args.steps]
@@ -746,6 +746,8 @@ def _steps_section(args, result: dict) -> list[str]:
             if len(runs) < 2:
                 continue
             cells = [f"{runs[n]['dev_curve'][-1][1]:.3f}" if n in runs else "" for n in lengths]
+            low = min(((v, s) for s, v in final["dev_curve"]), default=None) if final else None
+            cells.append(f"{low[0]:.3f} at {low[1]}" if low else "")  # early stopping would take this one
             dev_rows.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
             result.setdefault("steps", {})[f"{label} seed {seed}"] = {
                 str(n): r["dev_curve"] for n, r in runs.items()
@@ -753,8 +755,8 @@ def _steps_section(args, result: dict) -> list[str]:
     lines = []
     if dev_rows:
         lines += ["", "## Training length (same seed, same warmup, cosine to 0 at the last step; final dev NLL)", "",
-                  "| row | seed | " + " | ".join(f"{n} steps" for n in lengths) + " |",
-                  "| --- | --- |" + " --- |" * len(lengths), *dev_rows]  # fmt: skip
+                  "| row | seed | " + " | ".join(f"{n} steps" for n in lengths) + f" | lowest of the {args.steps}-step curve, at step |",
+                  "| --- | --- |" + " --- |" * (len(lengths) + 1), *dev_rows]  # fmt: skip
     if test_rows:
         lines += ["", f"## Test sets: shorter runs evaluated before the grid moved to {args.steps} steps", "",
                   f"Four-set averages, single runs (shorter / {args.steps} steps where both are evaluated):", "",

@@ -101,13 +101,20 @@ def test_report_choice_paired_differences_and_counts(cm, tmp_path):
         )
     _record(cm, args, "flexkd", 0.05, 2, 3.95)  # a 60-step seed 2, not in the final table
     _record(cm, args, "flexkd", 0.05, 1, 3.7, steps=240)  # the flattening check
+    seed2 = cm.load_record(args, "flexkd-s120-a0.05-seed2")  # its curve dips below where it ends
+    cm.save_record(
+        args, seed2["name"], {**seed2, "dev_curve": [[0, 6.6], [60, 3.85], [100, 3.7], [120, 3.75]]}
+    )
     text = cm.stage_report(args)
     assert result_names(tmp_path)["flexkd"] == [f"flexkd-s120-a0.05-seed{s}" for s in (1, 2, 3)]
     steps_block = text.split("## Training length")[1].split("\n## ")[0]
     # seed 1: the 60-step selection run ends at 3.85, the 120-step run at 3.75, the 240-step check at 3.70
-    assert "| row | seed | 60 steps | 120 steps | 240 steps |" in steps_block
-    assert "| flexkd | 1 | 3.850 | 3.750 | 3.700 |" in steps_block
-    assert "| flexkd | 2 | 3.950 | 3.750 |  |" in steps_block
+    assert (
+        "| row | seed | 60 steps | 120 steps | 240 steps | lowest of the 120-step curve, at step |"
+        in steps_block
+    )
+    assert "| flexkd | 1 | 3.850 | 3.750 | 3.700 | 3.750 at 120 |" in steps_block
+    assert "| flexkd | 2 | 3.950 | 3.750 |  | 3.700 at 100 |" in steps_block
     result = json.loads((tmp_path / "report.json").read_text())
     assert result["chosen"] == {"sft": None, "fkl": 1.0, "rkl": 1.0, "projector": 0.005, "cka": 0.05,
                                 "flexkd": 0.05}  # fmt: skip
