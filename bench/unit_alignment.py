@@ -413,9 +413,7 @@ def main(argv=None) -> None:
     weight = head[:, units].pow(2).sum(0) * kept.var(0)  # how far each unit moves the logits
     quarters = torch.argsort(weight, descending=True).chunk(4)
     per_unit["logit_weight_share"] = [float(weight[q].sum() / weight.sum()) for q in quarters]
-    for name, quarters_of_run in old_per_unit.items():  # runs measured before and not named now stay
-        if name not in per_unit and name not in args.per_unit:
-            per_unit[name] = quarters_of_run
+    per_unit.update(earlier_runs(old_per_unit, args.per_unit))
     permutation = torch.randperm(teacher.shape[0], generator=torch.Generator().manual_seed(0))
     for name in args.per_unit:
         if name in old_per_unit and name in structure["runs"] and args.runs is None:
@@ -437,6 +435,13 @@ def main(argv=None) -> None:
         markdown(results, oracle, teacher.shape[0], args.records, structure)
     )
     print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def earlier_runs(old_per_unit: dict, named: list[str]) -> dict:
+    """The per-quarter records of runs measured before and not named now: they stay in the record."""
+    return {
+        k: v for k, v in old_per_unit.items() if k not in ("groups", "logit_weight_share") and k not in named
+    }
 
 
 def head_weight(source: Path) -> torch.Tensor:

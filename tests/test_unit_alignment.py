@@ -162,3 +162,11 @@ def test_noise_curve(ua):
     assert curve["0.300"] > curve["0.900"] + 0.3 > curve["1.000"] + 0.3
     with pytest.raises(ValueError, match="rho"):
         ua.noise_curve(torch.from_numpy(kept), torch.from_numpy(head), torch.from_numpy(labels), (0.0,))
+
+
+def test_a_run_with_other_per_unit_names_keeps_the_earlier_ones(ua):
+    old = {"groups": "quarters", "logit_weight_share": [0.4, 0.3, 0.2, 0.1], "sft-seed1": [0.6, 0.5, 0.5, 0.4],
+           "rkl-s240-b0.5-seed1": [0.7, 0.6, 0.6, 0.5]}  # fmt: skip
+    assert ua.earlier_runs(old, ["rkl-s240-b0.5-seed1", "sft-s240-seed1"]) == {
+        "sft-seed1": [0.6, 0.5, 0.5, 0.4]
+    }
