@@ -9,13 +9,14 @@
 # 3. peak memory and time of the chunked logit loss against whole logits at the paper's shapes
 #    (bench/logit_memory.py: V = 50272 OPT, V = 32000 LLaMA; d_S 2048, d_T 4096, 8192 tokens, bf16);
 # 4. what each feature term adds to a distillation step at a 7B-like width (bench/step_overhead.py --preset gpu);
+#    the kernels' tile sizes and the logit chunk size swept (bench/gpu_tune.py);
 # 5. the live teacher against the teacher cache for the quickstart's pair (bench/cache_speed.py --pruned 432; the
 #    teacher has SmolLM2-135M's shape with random weights, which changes no step time);
 # 6. the product itself on one GPU: launch/distill.py on the tiny recipe (ZeRO-2 student + ZeRO-3 teacher, then
 #    ZeRO-3 student + replicated teacher), NCCL and CUDA instead of the CPU suite's gloo.
 #
 # Each part has its own time limit and a failure does not stop the others; the summary at the end says which
-# passed. Set PY to the Python that has torch (default python3). The repository must be importable: either
+# passed. ONLY="kernel_tests gpu_tune" runs the parts named there alone. Set PY to the Python that has torch (default python3). The repository must be importable: either
 # installed (pip install -e .) or FLEXKD_INSTALL=1 to install it (no dependencies, no index) into a temporary
 # folder first.
 set -uo pipefail
@@ -31,6 +32,7 @@ LOG="$OUT/log.txt"
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, append to $OUT/log.txt, keep the exit status
     local name=$1 limit=$2
     shift 2
+    [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && return 0
     local start=$SECONDS
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -51,14 +53,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 "$PY" -c "import torch, triton, transformers, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | grep -v WARNING | tee -a "$LOG"
 
-part kernel_tests 150 env TRITON_INTERPRET=0 "$PY" -m pytest tests/test_kernels.py -q -x -p no:cacheprovider
+# From tests/: "python -m pytest" puts the working directory first on sys.path, and the repository's own
+# flexkd_ds/ (without flexkd_ds.kernels, which is installed from flexkd_kernels/) would shadow the install.
+part kernel_tests 150 env -C tests TRITON_INTERPRET=0 "$PY" -m pytest test_kernels.py -q -x -p no:cacheprovider
 part kernel_bench_bf16 45 "$PY" bench/kernel_bench.py
 part kernel_bench_fp32_mask 45 "$PY" bench/kernel_bench.py --dtype fp32 --valid-fraction 0.6
 part logit_memory_opt 75 "$PY" bench/logit_memory.py --device cuda --dtype bf16 --vocab 50272 --d-student 2048 \
     --d-teacher 4096 --rows 8192 --repeats 5 --json "$OUT/logit_memory_opt.json"
 part logit_memory_llama 75 "$PY" bench/logit_memory.py --device cuda --dtype bf16 --vocab 32000 --d-student 2048 \
     --d-teacher 4096 --rows 8192 --repeats 5 --json "$OUT/logit_memory_llama.json"
-part step_overhead 90 "$PY" bench/step_overhead.py --preset gpu
+part gpu_tune 180 "$PY" bench/gpu_tune.py
+part step_overhead 120 "$PY" bench/step_overhead.py --preset gpu --steps 10 --warmup 3
 
 teacher="${TMPDIR:-/tmp}/smollm2-shape"
 "$PY" - "$teacher" <<'EOF' >>"$LOG" 2>&1

@@ -173,7 +173,10 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
+    started = time.perf_counter()
     teacher, students, t_cfg, d_t, d_s = build_models(args, device, dtype)
+    print(f"models built in {time.perf_counter() - started:.1f} s; {args.warmup} + {args.steps} steps per method "
+          "follow", flush=True)  # fmt: skip
     capture = HeadInput(teacher)
     batches = make_batches(args, t_cfg.vocab_size, device)
     units = torch.randperm(d_t, generator=torch.Generator().manual_seed(args.seed))[:d_s].to(device)
