@@ -92,13 +92,17 @@ def build_models(args, device, dtype):
                             num_heads=max(1, args.teacher_hidden // HEAD_DIM), vocab_size=args.vocab,
                             max_positions=args.seq)  # fmt: skip
     s_cfg = narrow_student_config(t_cfg, hidden_size=args.student_hidden, num_layers=args.layers)
-    teacher = build_causal_lm_from_config(t_cfg, seed=args.seed, dtype=dtype).to(device).eval()
+    # Built on the device: a random init of the GPU preset's ~2.9 B parameters on the host CPU outlasted a
+    # 120 s limit on a 16-core GPU machine (2026-12-04).
+    with torch.device(device):
+        teacher = build_causal_lm_from_config(t_cfg, seed=args.seed, dtype=dtype).eval()
     teacher.requires_grad_(False)
     d_t, d_s = lm_head_input_size(t_cfg), lm_head_input_size(s_cfg)
     fused = {"fused": True} if device.type == "cuda" else {}
     students = {}
     for name, feature in METHODS.items():
-        model = build_causal_lm_from_config(s_cfg, seed=args.seed + 1, dtype=dtype)
+        with torch.device(device):
+            model = build_causal_lm_from_config(s_cfg, seed=args.seed + 1, dtype=dtype)
         torch.manual_seed(args.seed + 2)
         projector = Projector(d_s, d_t).to(dtype) if feature == "projector" else None
         module = DistillStudent(model, projector).to(device).train()

@@ -211,11 +211,14 @@ def test_bf16_weights_follow_the_unfused_precision():
 
 
 def test_default_chunk_rows():
-    assert default_chunk_rows(49152) == 256
+    assert default_chunk_rows(49152) == 1024  # 2^26 / 49152 = 1365: at most 2^26 elements, a power of two
+    assert default_chunk_rows(50272) == 1024
+    assert default_chunk_rows(32000) == 1024  # 2097 -> 2048, capped at 1024 rows on a GPU
     assert default_chunk_rows(49152, "cpu") == 128  # 28 MiB of float32 under the 32 MiB mmap threshold
     assert default_chunk_rows(128256, "cpu") == 32
-    assert default_chunk_rows(128256) == 128
-    assert default_chunk_rows(50) == 4096
+    assert default_chunk_rows(128256) == 512
+    assert default_chunk_rows(50) == 1024
+    assert default_chunk_rows(50, "cpu") == 4096
     assert default_chunk_rows(1 << 30) == 16
 
 

@@ -275,7 +275,11 @@ def test_impl_resolution(monkeypatch):
     assert ops.resolve_impl("auto", cpu) == "torch"
     assert ops.resolve_impl("torch", cpu) == "torch"
     monkeypatch.setenv("FLEXKD_IMPL", "triton")
-    assert ops.resolve_impl("auto", cpu) == ("triton" if kc.INTERPRETED else "torch")
+    if kc.INTERPRETED:
+        assert ops.resolve_impl("auto", cpu) == "triton"
+    else:  # compiled kernels (a GPU machine): the variable asks for triton, which cannot take CPU tensors
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            ops.resolve_impl("auto", cpu)
     assert ops.resolve_impl("torch", cpu) == "torch", "the variable overrides 'auto' only"
     monkeypatch.setenv("FLEXKD_IMPL", "torch")
     assert ops.resolve_impl("auto", cpu) == "torch"

@@ -171,7 +171,7 @@ def test_llama_plan_on_8_gpus_matches_numbers_written_out():
     assert mem["step: student activations (for backward)"] == approx(
         512 * (24 * per_layer_token + 2 * 2 * 2048)
     )
-    # loss.fused_logits (default): one chunk of 512 rows (2^24 / 32000 -> 512) x V, 8 fp32 + 2 bf16 buffers; the
+    # loss.fused_logits (default): one chunk of min(1024, B x T = 512) rows x V, 8 fp32 + 2 bf16 buffers; the
     # student's (B*T, d_S) hidden-row gradient and its fp32 head gradient (V x d_S); the teacher's head whole
     assert mem["step: chunked logit loss (one chunk x V)"] == approx(
         512 * 32000 * (8 * 4 + 2 * 2) + 512 * 2048 * 4 + 32000 * 2048 * 4
