@@ -236,6 +236,19 @@ def test_massive_activation_columns_match_float64():
     assert_close(corr, exact_corr, rtol=0, atol=1e-5, name="correlation vs float64")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_default_tiles(dtype):
+    """The GPU's default tile (chosen on an H200), forced here so the interpreter checks it too: several row
+    tiles per split, a partial column block, masked rows, and a split boundary inside a tile."""
+    rows, cols = kc._GPU_BLOCK_ROWS, kc._GPU_BLOCK_COLS
+    teacher, student, units = make_inputs((3, rows + 5), cols + 24, cols + 8, dtype=dtype, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    mask = (torch.rand(3, rows + 5, generator=gen) < 0.8).to(DEVICE)
+    check_against_reference(
+        teacher, student, units, mask, dtype=dtype, block_rows=rows, block_cols=cols, num_splits=2
+    )
+
+
 BAD_INPUTS = {
     "rank1": lambda t, s, u, m: (t[0, 0], s[0, 0], u, None),
     "lead-mismatch": lambda t, s, u, m: (t, s[:, :5], u, None),
