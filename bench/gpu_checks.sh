@@ -16,9 +16,11 @@
 #    ZeRO-3 student + replicated teacher), NCCL and CUDA instead of the CPU suite's gloo.
 #
 # Each part has its own time limit and a failure does not stop the others; the summary at the end says which
-# passed. ONLY="kernel_tests gpu_tune" runs the parts named there alone. Set PY to the Python that has torch (default python3). The repository must be importable: either
-# installed (pip install -e .) or FLEXKD_INSTALL=1 to install it (no dependencies, no index) into a temporary
-# folder first.
+# passed. ONLY="kernel_tests gpu_tune" runs the parts named there alone. Set PY to the Python that has torch
+# (default python3). The repository must be importable: either installed (pip install -e .) or
+# FLEXKD_INSTALL=1 to install it (no dependencies, no index) into a temporary folder first.
+# Where $OUT may hold only a few files (a lent machine's), everything goes to log.txt, summary.txt and the
+# JSON and metrics files named below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_checks}"
@@ -27,12 +29,14 @@ PY="${PY:-python3}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 declare -a SUMMARY=()
 
+selected() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 LOG="$OUT/log.txt"
 : >"$LOG"
+: >"$OUT/summary.txt"
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, append to $OUT/log.txt, keep the exit status
     local name=$1 limit=$2
     shift 2
-    [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && return 0
+    selected "$name" || return 0
     local start=$SECONDS
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -66,6 +70,7 @@ part gpu_tune 180 "$PY" bench/gpu_tune.py
 part step_overhead 120 "$PY" bench/step_overhead.py --preset gpu --steps 10 --warmup 3
 
 teacher="${TMPDIR:-/tmp}/smollm2-shape"
+if selected cache_speed; then
 "$PY" - "$teacher" <<'EOF' >>"$LOG" 2>&1
 import json, sys
 import torch
@@ -76,6 +81,7 @@ spec = json.loads((Path(models_py).parent / "model_configs" / "HuggingFaceTB--Sm
 torch.manual_seed(0)
 LlamaForCausalLM(LlamaConfig(**{k: v for k, v in spec.items() if not k.startswith("_")})).save_pretrained(sys.argv[1])
 EOF
+fi
 part cache_speed 90 "$PY" bench/cache_speed.py --teacher "$teacher" --pruned 432 --steps 20 --warmup 3 --batch 8 \
     --seq-len 512
 
