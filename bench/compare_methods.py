@@ -53,6 +53,7 @@ pass of a trained run, say) and ends with the report, so no job is cut off by th
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -370,6 +371,16 @@ def student_sha256(out: Path, args) -> str:
     return _STUDENT_SHA[str(path)]
 
 
+def cache_sha256(out: Path) -> str | None:
+    """The teacher cache this machine built, as one hash of its shards' own sha256 (each shard's JSON holds
+    it): the cache is rebuilt per machine from bf16 teacher passes, so records can say which one they used."""
+    shards = sorted((out / "cache-bf16").glob("shard-*.json"))
+    if not shards:
+        return None
+    lines = [f"{json.loads(p.read_text())['file']}:{json.loads(p.read_text())['sha256']}" for p in shards]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
 def train(
     out: Path,
     method: str,
@@ -408,7 +419,7 @@ def train(
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     curve = [(0, held["student_start"])] + [(r["step"], r["valid_lm"]) for r in rows if "valid_lm" in r]
     step_s = statistics.median([(r["teacher_ms"] + r["student_ms"]) / 1e3 for r in rows])
-    fresh = {"name": name, "student_sha256": student_sha256(out, args), "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None, "steps": steps,
+    fresh = {"name": name, "student_sha256": student_sha256(out, args), "cache_sha256": cache_sha256(out), "method": method, "weight": key and {key: weight}, "seed": seed, "extra": extra or None, "steps": steps,
              "overrides": [o.replace(str(out), "<out>") for o in overrides], "dev_curve": curve,
              "last_step": rows[-1], "median_step_s": step_s, "wall_s": round(time.time() - start, 1)}  # fmt: skip
     if record is not None and "eval" in record:  # trained again for its student: the measurements stand
@@ -629,6 +640,12 @@ def stage_report(args) -> str:
     if len(cuts) > 1:
         lines += [f"**Warning: the records come from {len(cuts)} different cuts ({', '.join(cuts)}): the "
                   "prune stage was not reproduced exactly; compare runs of one cut only.**", ""]  # fmt: skip
+    caches = collections.Counter(r.get("cache_sha256") or "not recorded" for r in records if "dev_curve" in r)
+    result["teacher_caches"] = dict(caches)
+    if len(caches) > 1:
+        lines += ["Teacher caches the trained runs read (rebuilt per machine from bf16 teacher passes; runs "
+                  "recorded before 2026-12-04 did not note theirs): "
+                  + ", ".join(f"`{c}` {n}" for c, n in sorted(caches.items())), ""]  # fmt: skip
     lines += ["## Weight selection (seed 1, dev split of 100 rows, response NLL)", "",
               "| method | weight | dev NLL at step 0 | final dev NLL | median step s | chosen |",
               "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip

@@ -231,3 +231,29 @@ def test_time_limit_starts_only_the_jobs_the_records_say_fit(cm, tmp_path, capsy
 def test_time_limit_must_be_positive(cm):
     with pytest.raises(SystemExit):
         cm.parse_args(["--time-limit", "0"])
+
+
+def test_cache_fingerprint_and_the_report_line(cm, tmp_path):
+    """The records name the teacher cache they read: one hash of the shards' sha256 values, in file order,
+    changed by any shard; the report lists the caches when the trained runs read more than one."""
+    import hashlib
+
+    out = tmp_path / "out"
+    assert cm.cache_sha256(out) is None  # no cache built here
+    cache = out / "cache-bf16"
+    cache.mkdir(parents=True)
+    for i, digest in enumerate(("aa" * 32, "bb" * 32)):
+        (cache / f"shard-r{i:05d}-s00000.json").write_text(json.dumps({"file": f"s{i}.safetensors", "sha256": digest}))
+    expected = hashlib.sha256(f"s0.safetensors:{'aa' * 32}\ns1.safetensors:{'bb' * 32}".encode()).hexdigest()[:16]
+    assert cm.cache_sha256(out) == expected
+    (cache / "shard-r00001-s00000.json").write_text(json.dumps({"file": "s1.safetensors", "sha256": "cc" * 32}))
+    assert cm.cache_sha256(out) != expected
+
+    args = cm.parse_args(["--records", str(tmp_path / "records"), "--report"])
+    _record(cm, args, "sft", None, 1, 3.9)
+    _record(cm, args, "rkl", 0.5, 1, 3.8)
+    assert "Teacher caches" not in cm.stage_report(args)  # one cache, not recorded
+    record = json.loads(cm.record_path(args, cm.run_name("rkl", 0.5, 1)).read_text())
+    cm.save_record(args, record["name"], {**record, "cache_sha256": expected})
+    text = cm.stage_report(args)
+    assert f"`{expected}` 1" in text and "`not recorded` 1" in text
