@@ -949,3 +949,60 @@ def test_own_data_holds_out_a_validation_slice_by_default(tmp_path):
     heldout = json.loads((out / "heldout.json").read_text())
     assert heldout["rows"] == 64 and heldout["student_end"] < heldout["student_start"] + 1.0
     assert "64 of 700 rows" in result.output and "never trained on" in result.output
+
+
+def test_save_best_keeps_the_student_of_the_lowest_validation_nll(tmp_path):
+    """train.save_best: student-best/ holds the weights of the evaluation with the lowest validation NLL, and
+    best.json says which; the NLL of those weights, recomputed here with the plain model and cross-entropy
+    written out in float64, is the one the run logged at that step. A high lr makes the curve turn up."""
+    from transformers import AutoModelForCausalLM
+
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("".join(json.dumps({"instruction": f"Spell {w}.", "output": " ".join(w)}) + "\n"
+                             for w in ("cat", "house", "tree", "river", "light", "stone")))  # fmt: skip
+    out = tmp_path / "o"
+    overrides = [f"data.valid={valid}", "train.save_best=true", "train.eval_every=2", "train.max_steps=12",
+                 "train.lr=0.03", "train.warmup_steps=0", "train.lr_schedule=constant"]  # fmt: skip
+    result = run_job(DISTILL, out, overrides, nprocs=1)
+    curve = [(r["step"], r["valid_lm"]) for r in read_metrics(out) if "valid_lm" in r]
+    assert [s for s, _ in curve] == [2, 4, 6, 8, 10, 12]
+    best_step, best_nll = min(curve, key=lambda c: c[1])
+    saved = json.loads((out / "student-best" / "best.json").read_text())
+    assert saved == {"step": best_step, "valid_lm": best_nll}
+    assert f"at step {best_step}" in result.output
+    assert not (out / "student-best.tmp").exists()
+
+    cfg = recipe_config(out, [f"data.valid={valid}"])
+    _, _, tokenizer = model_specs(cfg)
+    rows = train_dataset(cfg, tokenizer, CPU, valid=True)
+    model = AutoModelForCausalLM.from_pretrained(out / "student-best", torch_dtype=torch.float64).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in rows:
+            ids = torch.tensor([example["input_ids"]])
+            labels = torch.tensor(example["labels"])
+            logp = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+            counted = labels != -100
+            total -= float(logp[counted.nonzero().flatten(), labels[counted]].sum())
+            count += int(counted.sum())
+    assert math.isclose(total / count, best_nll, rel_tol=2e-4), (total / count, best_nll)
+    if best_step != 12:  # the last step's student is another one
+        last = AutoModelForCausalLM.from_pretrained(out / "student", torch_dtype=torch.float64)
+        assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values(), strict=True))
+
+
+def test_save_best_needs_a_validation_set(tmp_path):
+    with pytest.raises(Exception, match="train.save_best"):
+        recipe_config(tmp_path, ["train.save_best=true"])
+
+
+def test_a_resumed_run_keeps_only_a_best_it_has_already_passed(tmp_path):
+    from flexkd_ds.jobs.distill import BEST_DIR, BestStudent
+
+    (tmp_path / BEST_DIR).mkdir()
+    (tmp_path / BEST_DIR / "best.json").write_text(json.dumps({"step": 6, "valid_lm": 3.1}))
+    kept = BestStudent(tmp_path, start_step=8)
+    assert (kept.step, kept.valid_lm) == (6, 3.1)
+    for start in (0, 4):  # a fresh run, or a best on the stretch trained again: found again on the way
+        fresh = BestStudent(tmp_path, start_step=start)
+        assert (fresh.step, fresh.valid_lm) == (None, math.inf)

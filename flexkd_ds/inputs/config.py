@@ -412,6 +412,12 @@ class TrainConfig:
         "Evaluate on data.valid every this many steps; 0 = only after the last step (with data.valid).",
         ge=0,
     )
+    save_best: bool = _opt(
+        False,
+        "Also keep the student of the lowest validation NLL so far in <output_dir>/student-best (Hugging Face "
+        "format, with best.json: its step and NLL), replaced at each evaluation that improves on it; student/ "
+        "stays the last step's. Needs data.valid; train.eval_every sets how often it is looked at.",
+    )
     resume: str = _opt(
         "auto",
         "auto = the newest complete checkpoint under <output_dir>/checkpoints, if any; never; or a dir.",
@@ -520,6 +526,11 @@ class DistillConfig:
             self.train.eval_every == 0 or self.data.valid is not None,
             ("train.eval_every", "data.valid"),
             f"train.eval_every={self.train.eval_every} needs a validation set: set data.valid",
+        )
+        _check(
+            not self.train.save_best or self.data.valid is not None,
+            ("train.save_best", "data.valid"),
+            "train.save_best=true keeps the student of the lowest validation NLL: set data.valid",
         )
         d_t = (self.model.teacher_arch or {}).get("hidden_size")
         d_s = (self.model.student_arch or {}).get("hidden_size")

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -287,6 +288,9 @@ def run_distill(cfg: DistillConfig) -> Path:
             student_nll(s_engine, weights, fused), valid_set, env, pad_id, t.micro_batch_size
         )
 
+    best = BestStudent(out, start_step) if t.save_best and valid_set is not None else None
+    if t.save_best and valid_set is None:
+        logger.info("train.save_best: no validation rows this run, so no student-best/")
     if env.is_main:
         trim_metrics(out / "metrics.jsonl", start_step)
     metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None  # noqa: SIM115
@@ -327,6 +331,10 @@ def run_distill(cfg: DistillConfig) -> Path:
                 valid_lm = validation_nll_sums(
                     student_nll(s_engine, weights, fused), valid_set, env, pad_id, t.micro_batch_size
                 )
+                if best is not None and valid_lm < best.valid_lm:  # the same value on every rank (all-reduced)
+                    name_student(module.model.config, "student distilled (lowest validation NLL)", teacher.name,
+                                 steps=step, valid_lm=valid_lm, output_dir=str(out))  # fmt: skip
+                    best.save(s_engine, module, tokenizer, env, step, valid_lm)
             if env.is_main:
                 bar.update(1)
             if logging_step:  # otherwise the step's numbers stay on the device: no host sync
@@ -357,6 +365,8 @@ def run_distill(cfg: DistillConfig) -> Path:
         lines = run_report.summary_lines(
             rows, time.perf_counter() - run_start, student_dir, out / "metrics.jsonl", plot, heldout
         )
+        if best is not None and best.step is not None:
+            lines.append(f"lowest validation NLL {best.valid_lm:.4f} at step {best.step}: {out / BEST_DIR}")
         for line in lines:
             logger.info(line)
     return student_dir
@@ -427,7 +437,7 @@ def trim_metrics(path: Path, start_step: int) -> int:
 CHECKPOINT_CONFIG = "flexkd_config.yaml"  # inside each checkpoint: the config it was trained with
 # Keys a resumed run may change: when to stop (raising it continues), logging, evaluation and saving cadence.
 RESUMABLE_CHANGES = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-                     "train.keep_checkpoints", "train.resume", "deepspeed.tensorboard")  # fmt: skip
+                     "train.keep_checkpoints", "train.save_best", "train.resume", "deepspeed.tensorboard")  # fmt: skip
 
 
 def checkpoint(s_engine, sampler, ckpt_dir: Path, step: int, importance_hash: str | None, cfg) -> None:
@@ -561,10 +571,44 @@ def resume(cfg: DistillConfig, s_engine, sampler, ckpt_dir: Path, importance_has
     return int(client_state["step"])
 
 
-def export_student(s_engine, module: DistillStudent, tokenizer, out: Path, env: DistEnv) -> Path:
-    """``student/`` in Hugging Face format (+ tokenizer); the projector, if any, beside it."""
+BEST_DIR = "student-best"
+
+
+class BestStudent:
+    """``train.save_best``: the student of the lowest validation NLL so far, in ``<output_dir>/student-best``.
+
+    Written to ``student-best.tmp`` and renamed, so a run stopped during the save keeps the previous best. A
+    resumed run keeps the best only if it was reached at or before the step it resumes from: a later one lies on
+    the part of the run that is trained again (bit for bit, so it comes back)."""
+
+    def __init__(self, out: Path, start_step: int):
+        self.out, self.step, self.valid_lm = out, None, math.inf
+        saved = out / BEST_DIR / "best.json"
+        if start_step > 0 and saved.is_file():
+            record = json.loads(saved.read_text())
+            if record["step"] <= start_step:
+                self.step, self.valid_lm = record["step"], record["valid_lm"]
+
+    def save(self, s_engine, module, tokenizer, env: DistEnv, step: int, valid_lm: float) -> None:
+        tmp, final = self.out / f"{BEST_DIR}.tmp", self.out / BEST_DIR
+        if env.is_main and tmp.exists():
+            shutil.rmtree(tmp)  # left by a run stopped during a save
+        export_student(s_engine, module, tokenizer, self.out, env, name=tmp.name, projector=False)
+        if env.is_main:
+            (tmp / "best.json").write_text(json.dumps({"step": step, "valid_lm": valid_lm}, indent=1) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        barrier()
+        self.step, self.valid_lm = step, valid_lm
+
+
+def export_student(s_engine, module: DistillStudent, tokenizer, out: Path, env: DistEnv, name: str = "student",
+                   projector: bool = True) -> Path:  # fmt: skip
+    """``<out>/<name>/`` in Hugging Face format (+ tokenizer); the projector, if any (and ``projector``),
+    beside it."""
     state = consolidated_state_dict(s_engine)  # collective under ZeRO-3
-    student_dir = out / "student"
+    student_dir = out / name
     if env.is_main:
         model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         module.model.save_pretrained(student_dir, state_dict=model_state, safe_serialization=True)
@@ -574,7 +618,7 @@ def export_student(s_engine, module: DistillStudent, tokenizer, out: Path, env: 
             for k, v in state.items()
             if k.startswith("projector.")
         }
-        if projector_state:
+        if projector_state and projector:
             save_file(projector_state, str(out / "projector.safetensors"))
     barrier()
     return student_dir
