@@ -314,7 +314,7 @@ def test_valid_combinations(overrides):
 def test_config_help_lists_every_field():
     text = C.config_help()
     keys = leaf_keys()
-    assert len(keys) == 83  # 3 top-level + 9 + 17 + 14 + 6 + 5 + 3 + 18 + 3 + 2 (classify) + 3 (seq2seq)
+    assert len(keys) == 84  # 3 top-level + 9 + 17 + 14 + 6 + 5 + 3 + 19 + 3 + 2 (classify) + 3 (seq2seq)
     for key in keys:
         assert f"  {key}: " in text, key
     assert "train.max_steps: int = 24  (>= 1)" in text
