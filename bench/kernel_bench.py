@@ -31,6 +31,12 @@ import torch
 from flexkd_ds.method import ops
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Vendor peak HBM bandwidth by a substring of torch.cuda.get_device_name() (first match wins).
+PEAK_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+
+
+def peak_gbps(name: str) -> float:
+    return next((gbps for key, gbps in PEAK_GBPS.items() if key in name), 3350.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--valid-fraction", type=float, default=1.0, help="share of valid tokens (mask)")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--peak-gbps", type=float, default=3350.0, help="HBM peak (H100 SXM: 3350 GB/s)")
+    parser.add_argument(
+        "--peak-gbps", type=float,
+        help="HBM peak in GB/s (default: from the device name, PEAK_GBPS; else the H100 SXM's 3350)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -125,6 +134,8 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA device here", file=sys.stderr)
         return 2
     gpu = device == "cuda"
+    if gpu and args.peak_gbps is None:
+        args.peak_gbps = peak_gbps(torch.cuda.get_device_name())
     defaults = (8, 1024, 4096, 2048) if gpu else (2, 256, 512, 256)
     for name, value in zip(("batch", "seq_len", "d_teacher", "d_student"), defaults, strict=True):
         if getattr(args, name) is None:
