@@ -336,6 +336,16 @@ def structure_markdown(structure: dict, results: dict) -> list[str]:
     return lines
 
 
+def cut_units(out: Path, cut: Path) -> list[int]:
+    """The teacher unit of each student unit: the cut's own plan (the identity pairing every run of the grid
+    trains with), checked against a run's ``unit_pairing.json`` where one is left."""
+    units = json.loads((cut / "prune.json").read_text())["plan"]["units"]
+    pairing = next((out / "runs").glob("*/unit_pairing.json"), None)
+    if pairing is not None and json.loads(pairing.read_text())["units"] != units:
+        raise SystemExit(f"{pairing} pairs the units otherwise than the cut's plan ({cut / 'prune.json'})")
+    return units
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="the compare_methods.py --out dir")
@@ -358,10 +368,7 @@ def main(argv=None) -> None:
     missing = [n for n in names if n != "cut" and not (args.out / "runs" / n / "student").is_dir()]
     if missing:
         raise SystemExit(f"no student under {args.out / 'runs'} for: {', '.join(missing)}")
-    pairing = next((args.out / "runs").glob("*/unit_pairing.json"), None)
-    if pairing is None:
-        raise SystemExit(f"no unit_pairing.json under {args.out / 'runs'}: run a feature method first")
-    units = torch.tensor(json.loads(pairing.read_text())["units"])
+    units = torch.tensor(cut_units(args.out, cut))
     shuffled = units[torch.randperm(len(units), generator=torch.Generator().manual_seed(0))]
 
     def source_of(name: str) -> Path:
@@ -378,7 +385,7 @@ def main(argv=None) -> None:
     head = head_weight(args.out / "teacher")
     cut_head = head_weight(cut)
     if not torch.equal(cut_head, head[:, units].to(torch.bfloat16).double()):  # the cut is saved from bf16
-        raise SystemExit(f"the cut's head is not the teacher's restricted to {pairing}'s units")
+        raise SystemExit("the cut's head is not the teacher's restricted to the cut's units (prune.json)")
     oracle = head_oracles(teacher, labels, head, units, cut_head)
     print("head oracles: " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()), flush=True)
 

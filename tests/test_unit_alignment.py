@@ -170,3 +170,19 @@ def test_a_run_with_other_per_unit_names_keeps_the_earlier_ones(ua):
     assert ua.earlier_runs(old, ["rkl-s240-b0.5-seed1", "sft-s240-seed1"]) == {
         "sft-seed1": [0.6, 0.5, 0.5, 0.4]
     }
+
+
+def test_the_pairing_is_the_cuts_plan_and_a_run_that_disagrees_stops_it(ua, tmp_path):
+    import json
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "prune.json").write_text(json.dumps({"plan": {"units": [5, 0, 3]}}))
+    (tmp_path / "runs").mkdir()
+    assert ua.cut_units(tmp_path, cut) == [5, 0, 3]  # no run left a unit_pairing.json (lost students)
+    (tmp_path / "runs" / "flexkd").mkdir()
+    (tmp_path / "runs" / "flexkd" / "unit_pairing.json").write_text(json.dumps({"units": [5, 0, 3]}))
+    assert ua.cut_units(tmp_path, cut) == [5, 0, 3]
+    (tmp_path / "runs" / "flexkd" / "unit_pairing.json").write_text(json.dumps({"units": [0, 5, 3]}))
+    with pytest.raises(SystemExit, match="otherwise"):
+        ua.cut_units(tmp_path, cut)
