@@ -377,7 +377,7 @@ def cache_sha256(out: Path) -> str | None:
     shards = sorted((out / "cache-bf16").glob("shard-*.json"))
     if not shards:
         return None
-    lines = [f"{json.loads(p.read_text())['file']}:{json.loads(p.read_text())['sha256']}" for p in shards]
+    lines = [f"{shard['file']}:{shard['sha256']}" for shard in (json.loads(p.read_text()) for p in shards)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ import statistics
 import time
 
 import torch
+import triton.testing  # binds triton too (triton.cdiv)
 
 
 def parse_args(argv=None):
@@ -34,9 +35,7 @@ def parse_args(argv=None):
 
 
 def bench_ms(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=10, rep=60))
+    return float(triton.testing.do_bench(fn, warmup=10, rep=60))
 
 
 def kernel_sweep(dtype) -> None:
@@ -59,13 +58,13 @@ def kernel_sweep(dtype) -> None:
           f"student.sum(0..1) {bench_ms(lambda: student.detach().sum((0, 1))):.3f} ms")  # fmt: skip
     default = kc._launch_config(student.device)
     print(f"  defaults: BLOCK_R {default[0]}, BLOCK_D {default[1]}, warps {default[2]}, "
-          f"splits {kc._num_splits(n, d_s // default[1], default[0], student.device)}")  # fmt: skip
+          f"splits {kc._num_splits(n, triton.cdiv(d_s, default[1]), default[0], student.device)}")  # fmt: skip
     print(f"  {'R':>3} {'D':>4} {'w':>2} {'splits':>6} {'fwd ms':>8} {'GB/s':>6} {'bwd ms':>8} {'GB/s':>6}")
     results = []
     warps0 = kc._GPU_NUM_WARPS
     for block_r, block_d, warps in itertools.product((16, 32, 64), (64, 128, 256), (4, 8)):
         kc._GPU_NUM_WARPS = warps
-        base = kc._num_splits(n, triton_cdiv(d_s, block_d), block_r, student.device)
+        base = kc._num_splits(n, triton.cdiv(d_s, block_d), block_r, student.device)
         for splits in (base, base * 2):
             opts = dict(block_rows=block_r, block_cols=block_d, num_splits=splits)
             try:
@@ -101,10 +100,6 @@ def kernel_sweep(dtype) -> None:
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=12))
     except Exception:  # older torch names the column after CUDA
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def chunk_sweep(dtype) -> None:
