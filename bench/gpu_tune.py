@@ -103,7 +103,18 @@ def kernel_sweep(dtype) -> None:
 
 
 def chunk_sweep(dtype) -> None:
+    import sys
+    from pathlib import Path
+
     from flexkd_ds.method.fused_logits import default_chunk_rows
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from logit_memory import one_pass  # the same pass bench/logit_memory.py measures
+
+    rkl = argparse.Namespace(kind="rkl")
+
+    def logit_pass(chunk, *tensors):
+        one_pass("unfused" if chunk is None else "fused", rkl, *tensors, chunk_rows=chunk)
 
     dev, n, d_s, d_t = "cuda", 8192, 2048, 4096
     for vocab in (50272, 32000):
@@ -135,23 +146,6 @@ def chunk_sweep(dtype) -> None:
             print(f"  {label:>13}: {statistics.median(times):8.2f} ms  peak extra {peak:8.0f} MiB")
         del tensors
         torch.cuda.empty_cache()
-
-
-def logit_pass(chunk, s_h, s_w, t_h, t_w, labels) -> None:
-    """rkl + LM forward + backward: whole logits (chunk None) or ``fused_linear_divergence`` in chunks."""
-    from flexkd_ds.method.fused_logits import fused_linear_divergence
-    from flexkd_ds.method.losses import lm_loss, logit_divergence
-
-    s_h.grad = s_w.grad = None
-    if chunk is None:
-        z_s = torch.nn.functional.linear(s_h, s_w)
-        with torch.no_grad():
-            z_t = torch.nn.functional.linear(t_h, t_w)
-        loss = logit_divergence(z_s, z_t, None, kind="rkl", reduction="sum") + lm_loss(z_s, labels, reduction="sum")
-    else:
-        loss = fused_linear_divergence(s_h, s_w, t_h, t_w, None, labels, kind="rkl", lm_weight=1.0,
-                                       chunk_rows=chunk, check_labels=False).loss  # fmt: skip
-    loss.backward()
 
 
 def main(argv=None) -> None:

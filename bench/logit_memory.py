@@ -72,11 +72,13 @@ def inputs(args):
     return s_hidden, s_weight, t_hidden, t_weight, labels
 
 
-def one_pass(impl: str, args, s_hidden, s_weight, t_hidden, t_weight, labels) -> float:
+def one_pass(impl: str, args, s_hidden, s_weight, t_hidden, t_weight, labels, chunk_rows=None) -> float:
+    """One forward + backward; ``chunk_rows`` (fused) overrides ``default_chunk_rows`` (bench/gpu_tune.py)."""
     s_hidden.grad = s_weight.grad = None
     if impl == "fused":
         loss = fused_linear_divergence(
-            s_hidden, s_weight, t_hidden, t_weight, None, labels, kind=args.kind, lm_weight=1.0
+            s_hidden, s_weight, t_hidden, t_weight, None, labels, kind=args.kind, lm_weight=1.0,
+            chunk_rows=chunk_rows,
         ).loss
     else:
         z_s = torch.nn.functional.linear(s_hidden, s_weight)
