@@ -8,7 +8,8 @@
 # 2. their speed against the eager torch path (bench/kernel_bench.py, bf16 and fp32 with a 60 % token mask);
 # 3. peak memory and time of the chunked logit loss against whole logits at the paper's shapes
 #    (bench/logit_memory.py: V = 50272 OPT, V = 32000 LLaMA; d_S 2048, d_T 4096, 8192 tokens, bf16);
-# 4. what each feature term adds to a distillation step at a 7B-like width (bench/step_overhead.py --preset gpu);
+# 4. what each feature term adds to a distillation step at a 7B-like width (bench/step_overhead.py --preset gpu,
+#    with the Triton correlation and again with the eager torch one);
 #    the kernels' tile sizes and the logit chunk size swept (bench/gpu_tune.py);
 # 5. the live teacher against the teacher cache for the quickstart's pair (bench/cache_speed.py --pruned 432; the
 #    teacher has SmolLM2-135M's shape with random weights, which changes no step time);
@@ -59,7 +60,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 
 # From tests/: "python -m pytest" puts the working directory first on sys.path, and the repository's own
 # flexkd_ds/ (without flexkd_ds.kernels, which is installed from flexkd_kernels/) would shadow the install.
-part kernel_tests 150 env -C tests TRITON_INTERPRET=0 "$PY" -m pytest test_kernels.py -q -x -p no:cacheprovider
+part kernel_tests 150 env -C tests TRITON_INTERPRET=0 "$PY" -m pytest test_kernels.py -q -p no:cacheprovider
 part kernel_bench_bf16 45 "$PY" bench/kernel_bench.py
 part kernel_bench_fp32_mask 45 "$PY" bench/kernel_bench.py --dtype fp32 --valid-fraction 0.6
 part logit_memory_opt 75 "$PY" bench/logit_memory.py --device cuda --dtype bf16 --vocab 50272 --d-student 2048 \
@@ -67,7 +68,8 @@ part logit_memory_opt 75 "$PY" bench/logit_memory.py --device cuda --dtype bf16 
 part logit_memory_llama 75 "$PY" bench/logit_memory.py --device cuda --dtype bf16 --vocab 32000 --d-student 2048 \
     --d-teacher 4096 --rows 8192 --repeats 5 --json "$OUT/logit_memory_llama.json"
 part gpu_tune 180 "$PY" bench/gpu_tune.py
-part step_overhead 120 "$PY" bench/step_overhead.py --preset gpu --steps 10 --warmup 3
+part step_overhead 120 "$PY" bench/step_overhead.py --preset gpu --steps 10 --warmup 3 --impl triton
+part step_overhead_torch 120 "$PY" bench/step_overhead.py --preset gpu --steps 10 --warmup 3 --impl torch
 
 teacher="${TMPDIR:-/tmp}/smollm2-shape"
 if selected cache_speed; then
