@@ -39,7 +39,7 @@ from flexkd_ds.inputs.models import (
 )
 from flexkd_ds.jobs.distill import DistillStudent
 from flexkd_ds.method import ops
-from flexkd_ds.method.losses import Projector
+from flexkd_ds.method.losses import Projector, check_unit_indices
 from flexkd_ds.method.objective import ObjectiveWeights, micro_objective
 from flexkd_ds.runtime.engines import HeadInput
 
@@ -131,7 +131,8 @@ def objective_inputs(s_logits, t_logits, s_hidden, t_hidden, projected, batch, u
     return dict(student_logits=s_logits, teacher_logits=t_logits, student_hidden=s_hidden, teacher_hidden=t_hidden,
                 projected_hidden=projected, labels=batch["labels"], feature_mask=batch["attention_mask"].bool(),
                 unit_indices=units, global_tokens=float((batch["labels"] != -100).sum()), grad_accum=1,
-                world_size=1, global_feature_rows=float(batch["attention_mask"].sum()))  # fmt: skip
+                world_size=1, global_feature_rows=float(batch["attention_mask"].sum()),
+                units_checked=True)  # fmt: skip  # checked once in main(), as the trainer does
 
 
 def train_step(weights, teacher, capture, module, optimizer, batch, units):
@@ -184,6 +185,7 @@ def main(argv=None) -> None:
     capture = HeadInput(teacher)
     batches = make_batches(args, t_cfg.vocab_size, device)
     units = torch.randperm(d_t, generator=torch.Generator().manual_seed(args.seed))[:d_s].to(device)
+    check_unit_indices(units, d_t, d_s)  # once, as the trainer checks its fixed selection: no per-step host syncs
     weights = {name: ObjectiveWeights(feature_loss=feature, logit_loss="rkl", alpha=args.alpha, impl=args.impl)
                for name, feature in METHODS.items()}  # fmt: skip
     names = list(METHODS)

@@ -330,8 +330,9 @@ def correlation_moments_backward(
     if all_rows:
         row_valid = row_ids  # never read
     else:
-        row_valid = torch.zeros(total_rows, dtype=torch.int8, device=student.device)
-        row_valid[row_ids] = 1
+        # index_fill_ takes the 1 as a scalar; ``row_valid[row_ids] = 1`` copies a host tensor to the device
+        # first, a host sync on every backward (torch.cuda.set_sync_debug_mode on an H200, 2026-12-04)
+        row_valid = torch.zeros(total_rows, dtype=torch.int8, device=student.device).index_fill_(0, row_ids, 1)
     d_student = student.shape[-1]
     col_blocks = triton.cdiv(d_student, block_cols)
     if num_splits is None:
