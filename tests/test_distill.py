@@ -19,6 +19,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -1006,3 +1007,32 @@ def test_a_resumed_run_keeps_only_a_best_it_has_already_passed(tmp_path):
     for start in (0, 4):  # a fresh run, or a best on the stretch trained again: found again on the way
         fresh = BestStudent(tmp_path, start_step=start)
         assert (fresh.step, fresh.valid_lm) == (None, math.inf)
+
+
+def test_the_training_step_checks_the_unit_selection_once_not_every_micro_batch(tmp_path):
+    """distill checks the fixed Flex-KD selection once (range, duplicates); the step must then tell the loss so
+    (``units_checked``), or every micro-batch repeats the check: host syncs on a GPU. It used not to: 2 steps
+    x 2 micro-batches re-ran it 4 times. Counted by wrapping the loss module's check in a one-rank run
+    (the wrapper is installed before distill imports the check, so distill's own call counts too)."""
+    count_file = tmp_path / "calls.txt"
+    runner = tmp_path / "run_counting.py"
+    runner.write_text(
+        "import atexit, runpy, sys\n"
+        "from flexkd_ds.method import losses\n"
+        "calls = []\n"
+        "real = losses.check_unit_indices\n"
+        "def counting(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    return real(*args, **kwargs)\n"
+        "losses.check_unit_indices = counting\n"
+        f"atexit.register(lambda: open({str(count_file)!r}, 'w').write(str(len(calls))))\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(runner), DISTILL, "--config", str(RECIPE), f"output_dir={out}", "train.max_steps=2",
+           "importance.num_examples=8", "train.grad_accum=2"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2] and all(finite(m["feature"]) for m in read_metrics(out))
+    assert count_file.read_text() == "1"  # distill's own check (it imports the wrapped one); without the fix 5

@@ -261,6 +261,7 @@ def train_step(
             grad_accum=cfg.train.grad_accum,
             world_size=env.world_size,
             all_reduce=all_reduce_sum,
+            units_checked=unit_indices is not None,  # distill checked the fixed selection once: no host syncs here
         )
         s_engine.backward(terms.loss)
         s_engine.step()

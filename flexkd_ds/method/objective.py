@@ -106,28 +106,8 @@ def micro_objective(
     zero = token_terms.detach()
     terms = MicroTerms(loss=token_terms, logit_sum=zero, lm_sum=zero, projector_sum=zero, feature_value=zero)
 
-    if fused_terms is not None:  # beta * logit sum + lm_weight * LM sum, with the gradient
-        token_terms = token_terms + fused_terms.loss
-        terms.lm_sum, terms.logit_sum = fused_terms.lm_sum, fused_terms.divergence_sum
-    if weights.uses_lm and fused_terms is None:
-        lm_sum = losses.lm_loss(student_logits, labels, reduction="sum")
-        token_terms = token_terms + weights.lm_weight * lm_sum
-        terms.lm_sum = lm_sum.detach()
-    if weights.uses_logit and fused_terms is None:
-        loss_mask = labels != -100
-        logit_sum = losses.logit_divergence(
-            student_logits,
-            teacher_logits,
-            loss_mask,
-            kind=weights.logit_loss,
-            temperature=weights.temperature,
-            skew=weights.skew,
-            jsd_beta=weights.jsd_beta,
-            reduction="sum",
-        )
-        token_terms = token_terms + weights.beta * logit_sum
-        terms.logit_sum = logit_sum.detach()
-
+    # The batch (feature) term first: on a GPU its many small launches then queue behind the student's forward,
+    # before the token terms' host syncs (boolean row selection, the label range check) empty the queue.
     batch_term = token_terms.new_zeros(())
     if weights.uses_feature:
         if weights.feature_loss == "projector":
@@ -152,6 +132,28 @@ def micro_objective(
             )
             batch_term = weights.alpha * value * batch_weight
             terms.feature_value = value.detach()
+
+    if fused_terms is not None:  # beta * logit sum + lm_weight * LM sum, with the gradient
+        token_terms = token_terms + fused_terms.loss
+        terms.lm_sum, terms.logit_sum = fused_terms.lm_sum, fused_terms.divergence_sum
+    if weights.uses_lm and fused_terms is None:
+        lm_sum = losses.lm_loss(student_logits, labels, reduction="sum")
+        token_terms = token_terms + weights.lm_weight * lm_sum
+        terms.lm_sum = lm_sum.detach()
+    if weights.uses_logit and fused_terms is None:
+        loss_mask = labels != -100
+        logit_sum = losses.logit_divergence(
+            student_logits,
+            teacher_logits,
+            loss_mask,
+            kind=weights.logit_loss,
+            temperature=weights.temperature,
+            skew=weights.skew,
+            jsd_beta=weights.jsd_beta,
+            reduction="sum",
+        )
+        token_terms = token_terms + weights.beta * logit_sum
+        terms.logit_sum = logit_sum.detach()
 
     terms.loss = scale * (token_terms / global_tokens + batch_term)
     return terms
