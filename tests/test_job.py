@@ -4,10 +4,12 @@ columns renamed by ``data.field_map``. Single process, tiny models, seconds."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from _helpers import RECIPE
+from _helpers import RECIPE, REPO, job_env
 
 from flexkd_ds.inputs import models
 from flexkd_ds.inputs.config import ConfigError, load_config
@@ -64,3 +66,37 @@ def test_field_map_without_it_names_the_missing_column(tmp_path):
 def test_field_map_bad_keys_are_named(tmp_path, mapping):
     with pytest.raises(ConfigError, match=r"data\.field_map"):
         load_config(RECIPE, [f"output_dir={tmp_path}", f"data.field_map={mapping}"])
+
+
+SHUTDOWN_SCRIPT = """
+import os, socket
+import torch.distributed as dist
+from flexkd_ds.jobs.common import expected_errors
+from flexkd_ds.runtime.dist import init_distributed
+with expected_errors("t.py"):
+    init_distributed()
+    assert dist.is_initialized()
+print("after success, initialized:", dist.is_initialized())
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+try:
+    with expected_errors("t.py"):
+        init_distributed()
+        raise ValueError("bad option x")
+except SystemExit as e:
+    print("error exit", e.code, "initialized:", dist.is_initialized())
+"""
+
+
+def test_a_job_that_ends_well_destroys_its_process_group_and_one_that_fails_does_not(tmp_path):
+    """Left to interpreter exit, gloo's threads could abort a finished 2-rank job ("terminate called without
+    an active exception", non-zero exit; once in CI). A launch script's ``expected_errors`` now destroys the
+    group when the job ends well, and not after an error (a peer may still be in a collective)."""
+    script = tmp_path / "shutdown.py"
+    script.write_text(SHUTDOWN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=job_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "after success, initialized: False" in proc.stdout
+    assert "error exit 1 initialized: True" in proc.stdout and "t.py: error: bad option x" in proc.stderr

@@ -20,7 +20,7 @@ from flexkd_ds.inputs import data, models, pairs
 from flexkd_ds.inputs.byte_tokenizer import BYTE_TOKENIZER_NAME, byte_tokenizer
 from flexkd_ds.inputs.config import DistillConfig
 from flexkd_ds.method.importance import ImportanceFile, load_importance
-from flexkd_ds.runtime.dist import DistEnv, main_first
+from flexkd_ds.runtime.dist import DistEnv, main_first, shutdown
 from flexkd_ds.runtime.engines import build_teacher_engine, deepspeed_dict, engine_dtype
 
 logger = logging.getLogger("flexkd_ds")
@@ -297,6 +297,7 @@ def expected_errors(prog: str):
 
     try:
         yield
+        shutdown()  # every rank got here: no collective is pending
     except EXPECTED_ERRORS as error:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
