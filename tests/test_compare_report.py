@@ -221,8 +221,11 @@ def test_time_limit_starts_only_the_jobs_the_records_say_fit(cm, tmp_path, capsy
     # without a limit: seed 1 keeps the yaml's dev point every 10 steps, later seeds take one every 30
     cm.stage_grid(out.resolve(), parse())
     trains = [c for c in commands() if "launch/distill.py" in c]
+    # first rkl's unused grid weights (it chose beta 1 here: 0.5 and 2) at 240 steps, seed 1, dev only; then
     # seed 1: all rows but rkl (its student is there; flexkd's record is, its student is not); seed 2: all 7
-    assert len(trains) == 6 + 7
+    assert len(trains) == 2 + 6 + 7
+    assert all(f"output_dir={out.resolve()}/runs/rkl-s240-b{w}-seed1 " in c for w, c in zip(("0.5", "2"), trains[:2], strict=True))
+    assert all("train.max_steps=240" in c for c in trains[:2])
     later = [c for c in trains if " seed=2 " in c]
     assert len(later) == 7 and all(" train.eval_every=30 " in c + " " for c in later)
     assert not any("eval_every" in c for c in trains if " seed=1 " in c)
@@ -257,3 +260,35 @@ def test_cache_fingerprint_and_the_report_line(cm, tmp_path):
     cm.save_record(args, record["name"], {**record, "cache_sha256": expected})
     text = cm.stage_report(args)
     assert f"`{expected}` 1" in text and "`not recorded` 1" in text
+
+
+def test_an_rkl_weight_that_wins_at_the_final_length_becomes_a_row_and_a_base(cm, tmp_path):
+    """rkl chose beta 0.5 at 60 steps; beta 1 is a row anyway (the control). Beta 2 is rechecked: a row only
+    once its seed-1 run at --steps ends below both rkl rows' seed 1 there, and then every row is also paired
+    against it."""
+    args = cm.parse_args(["--records", str(tmp_path), "--seeds", "2", "--steps", "240", "--report"])
+    finals = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 4.0, 2.0: 4.1},
+              "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
+              "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip
+    for method, grid in finals.items():
+        for weight, final in grid.items():
+            _record(cm, args, method, weight, 1, final)
+    assert cm.rkl_rechecks(args) == [2.0]
+    assert cm.recheck_rows(args) == []  # nothing at 240 steps yet
+    _record(cm, args, "rkl", 2.0, 1, 3.70, steps=240)
+    assert cm.recheck_rows(args) == []  # the rows it must beat have not run at 240 yet
+    _record(cm, args, "rkl", 0.5, 1, 3.746, steps=240)
+    _record(cm, args, "rkl", 1.0, 1, 3.721, steps=240)
+    assert cm.recheck_rows(args) == [2.0]
+    assert cm.final_runs(args)["rkl (beta 2)"] == ["rkl-s240-b2-seed1", "rkl-s240-b2-seed2"]
+    _record(cm, args, "rkl", 2.0, 1, 3.725, steps=240)  # between the two rkl rows: not a row
+    assert cm.recheck_rows(args) == [] and "rkl (beta 2)" not in cm.final_runs(args)
+
+    _record(cm, args, "rkl", 2.0, 1, 3.70, steps=240)
+    sample, nll = [10.0, 8.0, 12.0, 9.0], [2.6, 2.8, 1.6, 2.7]
+    for seed in (1, 2):
+        _record(cm, args, "rkl", 2.0, seed, 3.70, sample, nll, steps=240)
+        _record(cm, args, "flexkd", 0.05, seed, 3.68, [v + seed for v in sample], nll, steps=240)
+    text = cm.stage_report(args)
+    block = text.split("## Paired difference against rkl (beta 2): sample")[1].split("\n## ")[0]
+    assert "| flexkd | +1.500 [" in block and block.rstrip().endswith("| 8 / 0 |")
