@@ -18,7 +18,9 @@ those tokens at once (the ``global`` scope over the whole split):
 - ``r2``: the share of the teacher's centred hidden state that the best linear map of the student's
   explains (least squares on these tokens; what projector + rkl trains, its projector being such a map).
 
-Two more sections, from the teacher's own states: ``head_oracles`` (the dev NLL the cut's head reaches on the
+Each student's next-token distribution on the response tokens, through its own head, against the teacher's
+(``distribution_measures``: entropy, KL both ways, top-1 agreement): where the dev NLL and sampled ROUGE-L can
+rank students differently. Two more sections, from the teacher's own states: ``head_oracles`` (the dev NLL the cut's head reaches on the
 teacher's kept units as they are, per-unit rescaled, or compensated for the dropped units by least squares),
 and, for the ``--per-unit`` runs, the paired correlation in quarters of the kept units by their weight in the
 teacher's logits, and ``residual_structure``: each student unit split into the part its teacher unit explains
@@ -47,6 +49,7 @@ from flexkd_ds.evaluation.ablation import head_inputs  # noqa: E402
 from flexkd_ds.inputs import models  # noqa: E402
 
 MEASURES = ("corr", "corr_shuffled", "flexkd", "cka", "r2")
+DISTRIBUTION = ("entropy", "fkl", "rkl", "top1_agree")
 PER_UNIT = ("sft-seed1", "rkl-b0.5-seed1", "rkl-b1-seed1", "flexkd-a0.05-seed1")
 NOISE_RHOS = (0.4, 0.575, 0.7, 0.9, 0.97, 1.0)
 
@@ -77,6 +80,34 @@ def response_nll(hidden: torch.Tensor, head: torch.Tensor, labels: torch.Tensor,
         logits = hidden[take].float() @ head.float().T
         total += float(torch.nn.functional.cross_entropy(logits, labels[take], reduction="sum"))
     return total / len(rows)
+
+
+def distribution_measures(
+    student: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_head: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 512,
+) -> dict:
+    """Next-token distributions on the response tokens (rows with a label), each model through its own head,
+    float32 logits in chunks: the student's mean entropy (nats), KL(teacher || student) (``fkl``: what a
+    mode-covering student keeps low), KL(student || teacher) (``rkl``: what a mode-seeking one keeps low), how
+    often the two most likely tokens agree, and the teacher's own entropy. Sampling at temperature 1 (the
+    ROUGE-L protocol) draws from the student's whole distribution, so these say where NLL and ROUGE-L can part."""
+    rows = (labels != -100).nonzero().squeeze(1)
+    sums = dict.fromkeys((*DISTRIBUTION, "teacher_entropy"), 0.0)
+    for start in range(0, len(rows), chunk):
+        take = rows[start : start + chunk]
+        log_q = torch.log_softmax(student[take].float() @ student_head.float().T, dim=-1)
+        log_p = torch.log_softmax(teacher[take].float() @ teacher_head.float().T, dim=-1)
+        q, p = log_q.exp(), log_p.exp()
+        sums["entropy"] += float(-(q * log_q).sum())
+        sums["teacher_entropy"] += float(-(p * log_p).sum())
+        sums["fkl"] += float((p * (log_p - log_q)).sum())
+        sums["rkl"] += float((q * (log_q - log_p)).sum())
+        sums["top1_agree"] += float((log_q.argmax(-1) == log_p.argmax(-1)).sum())
+    return {key: value / len(rows) for key, value in sums.items()}
 
 
 def head_oracles(
@@ -248,9 +279,9 @@ def markdown(results: dict, oracle: dict, tokens: int, records: Path, structure:
         nlls = [v for v in (final_dev_nll(records, n) for n in names) if v is not None]
         cells.append(f"{statistics.fmean(nlls):.3f}" if nlls else "")
         lines.append(f"| {method} | {len(names)} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sd over training seeds."]
+    lines += distribution_markdown(results, groups)
     lines += [
-        "",
-        "Mean ± sd over training seeds.",
         "",
         "## What the cut's head can do with the teacher's own states",
         "",
@@ -289,6 +320,34 @@ def markdown(results: dict, oracle: dict, tokens: int, records: Path, structure:
             )
     lines += structure_markdown(structure or {}, results)
     return "\n".join(lines) + "\n"
+
+
+def distribution_markdown(results: dict, groups: dict[str, list[str]]) -> list[str]:
+    """The next-token distribution table, for the models measured since it exists."""
+    measured = {m: [n for n in names if "entropy" in results[n]] for m, names in groups.items()}
+    measured = {m: names for m, names in measured.items() if names}
+    if not measured:
+        return []
+    teacher_entropy = next(results[names[0]]["teacher_entropy"] for names in measured.values())
+    lines = [
+        "",
+        "## Next-token distributions on the dev responses",
+        "",
+        "Each model through its own head, on the response tokens: the student's mean entropy (the teacher's: "
+        f"{teacher_entropy:.3f} nats), KL(teacher || student) (fkl), KL(student || teacher) (rkl), the share of "
+        "tokens whose most likely next token is the teacher's. Mean ± sd over training seeds.",
+        "",
+        "| model | runs | " + " | ".join(DISTRIBUTION) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in DISTRIBUTION) + " |",
+    ]
+    for method, names in measured.items():
+        cells = []
+        for key in DISTRIBUTION:
+            vals = [results[n][key] for n in names]
+            spread = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
+            cells.append(f"{statistics.fmean(vals):.3f}{spread}")
+        lines.append(f"| {method} | {len(names)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def structure_markdown(structure: dict, results: dict) -> list[str]:
@@ -401,6 +460,7 @@ def main(argv=None) -> None:
         if not torch.equal(student_labels, labels):
             raise SystemExit(f"{name}: its tokens are not the teacher's (another tokenizer?)")
         results[name] = measure(student, teacher, units, shuffled)
+        results[name].update(distribution_measures(student, head_weight(source_of(name)), teacher, head, labels))
         if name in args.per_unit:
             states[name] = student
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items())

@@ -186,3 +186,40 @@ def test_the_pairing_is_the_cuts_plan_and_a_run_that_disagrees_stops_it(ua, tmp_
     (tmp_path / "runs" / "flexkd" / "unit_pairing.json").write_text(json.dumps({"units": [0, 5, 3]}))
     with pytest.raises(SystemExit, match="otherwise"):
         ua.cut_units(tmp_path, cut)
+
+
+def test_distribution_measures_against_numpy(ua):
+    """Entropy, KL both ways and top-1 agreement on the labelled rows only, against float64 numpy written out
+    here; a student that is the teacher has zero KL and full agreement."""
+    gen = torch.Generator().manual_seed(3)
+    n, d_s, d_t, vocab = 37, 5, 7, 11
+    student, teacher = torch.randn(n, d_s, generator=gen).double(), torch.randn(n, d_t, generator=gen).double()
+    s_head, t_head = torch.randn(vocab, d_s, generator=gen).double(), torch.randn(vocab, d_t, generator=gen).double()
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::4] = -100
+    got = ua.distribution_measures(student, s_head, teacher, t_head, labels, chunk=8)
+
+    keep = (labels != -100).numpy()
+
+    def log_softmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    log_q = log_softmax(student.numpy()[keep] @ s_head.numpy().T)
+    log_p = log_softmax(teacher.numpy()[keep] @ t_head.numpy().T)
+    q, p = np.exp(log_q), np.exp(log_p)
+    expected = {
+        "entropy": float(-(q * log_q).sum(axis=1).mean()),
+        "teacher_entropy": float(-(p * log_p).sum(axis=1).mean()),
+        "fkl": float((p * (log_p - log_q)).sum(axis=1).mean()),
+        "rkl": float((q * (log_q - log_p)).sum(axis=1).mean()),
+        "top1_agree": float((log_q.argmax(1) == log_p.argmax(1)).mean()),
+    }
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert 0 < expected["top1_agree"] < 1  # the case tells agreement from disagreement
+
+    same = ua.distribution_measures(teacher, t_head, teacher, t_head, labels)
+    assert same["fkl"] == pytest.approx(0, abs=1e-5) and same["rkl"] == pytest.approx(0, abs=1e-5)
+    assert same["top1_agree"] == 1 and same["entropy"] == pytest.approx(same["teacher_entropy"], rel=1e-6)
