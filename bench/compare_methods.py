@@ -553,26 +553,28 @@ def pairing_check(out: Path, args) -> dict:
     return record
 
 
-def rkl_rechecks(args) -> list[float]:
-    """rkl's grid weights that no row of the final table carries (neither the chosen beta nor FEATURE_BETA).
-    rkl's choice at 60 steps did not hold at 240 (docs/results.md), so each is trained once, seed 1, at
-    ``--steps`` before the grid (a dev curve only); ``recheck_rows`` adds it as a row if it wins there."""
-    chosen = chosen_weights(args)["rkl"]
+def rkl_rechecks(args, chosen: float | None = None) -> list[float]:
+    """rkl's grid weights that no row of the final table carries (neither the chosen beta ``chosen``, read from
+    the records when not given, nor FEATURE_BETA). rkl's choice at 60 steps did not hold at 240
+    (docs/results.md), so each is trained once, seed 1, at ``--steps`` before the grid (a dev curve only);
+    ``recheck_rows`` adds it as a row if it wins there."""
+    chosen = chosen_weights(args)["rkl"] if chosen is None else chosen
     return [w for w in METHODS["rkl"][2] if w not in (chosen, FEATURE_BETA)]
 
 
-def recheck_rows(args) -> list[float]:
+def recheck_rows(args, chosen: float | None = None) -> list[float]:
     """The rechecked rkl weights whose seed-1 run at ``--steps`` ends below both rkl rows' seed 1 on dev: they
     join the final table as rows ``rkl (beta w)`` on every seed (the goal is judged against every rkl row)."""
+    chosen = chosen_weights(args)["rkl"] if chosen is None else chosen
 
     def final(weight):
         record = load_record(args, run_name("rkl", weight, 1, "", args.steps))
         return record["dev_curve"][-1][1] if record and record.get("dev_curve") else None
 
-    table = [final(chosen_weights(args)["rkl"]), final(FEATURE_BETA)]
+    table = [final(chosen), final(FEATURE_BETA)]
     if None in table:
         return []  # the rows it is measured against have not run at --steps yet
-    return [w for w in rkl_rechecks(args) if (f := final(w)) is not None and f < min(table)]
+    return [w for w in rkl_rechecks(args, chosen) if (f := final(w)) is not None and f < min(table)]
 
 
 def final_specs(args) -> dict[str, list[tuple]]:
@@ -584,7 +586,7 @@ def final_specs(args) -> dict[str, list[tuple]]:
     rows = {m: [(m, w, s, "", args.steps) for s in seeds] for m, w in chosen.items()}
     if chosen["rkl"] != FEATURE_BETA:
         rows[CONTROL] = [("rkl", FEATURE_BETA, s, "", args.steps) for s in seeds]
-    for w in recheck_rows(args):
+    for w in recheck_rows(args, chosen["rkl"]):
         rows[f"rkl (beta {w:g})"] = [("rkl", w, s, "", args.steps) for s in seeds]
     check = load_record(args, PAIRING_CHECK)
     for extra in EXTRAS:

@@ -82,14 +82,21 @@ def _record(cm, args, method, weight, seed, final_dev, sample=None, nll=None, st
     cm.save_record(args, name, record)
 
 
-def test_report_choice_paired_differences_and_counts(cm, tmp_path):
-    args = cm.parse_args(["--records", str(tmp_path), "--seeds", "3", "--steps", "120", "--report"])
-    finals = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 3.9, 2.0: 4.0},
-              "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
-              "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip
-    for method, grid in finals.items():
+SELECTION = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 3.9, 2.0: 4.0},
+             "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
+             "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip  # final dev NLL per method and weight
+
+
+def _selection(cm, args, **grids):
+    """The 16 seed-1 selection records (60 steps): SELECTION, with some methods' grids replaced."""
+    for method, grid in {**SELECTION, **grids}.items():
         for weight, final in grid.items():
             _record(cm, args, method, weight, 1, final)
+
+
+def test_report_choice_paired_differences_and_counts(cm, tmp_path):
+    args = cm.parse_args(["--records", str(tmp_path), "--seeds", "3", "--steps", "120", "--report"])
+    _selection(cm, args)
     # rkl chose beta 1 here, so there is no separate control row; flexkd alpha 0.05, cka alpha 0.05
     rkl_sample = {1: [10.0, 8.0, 12.0, 9.0], 2: [11.0, 8.5, 12.5, 9.5], 3: [10.5, 7.0, 13.0, 9.0]}
     flex_sample = {1: [10.5, 8.5, 11.0, 9.5], 2: [11.2, 9.0, 12.0, 9.0], 3: [11.0, 7.5, 13.5, 10.0]}
@@ -170,12 +177,7 @@ def test_time_limit_starts_only_the_jobs_the_records_say_fit(cm, tmp_path, capsy
         )
 
     args = parse()
-    finals = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 3.9, 2.0: 4.0},
-              "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
-              "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip
-    for method, grid in finals.items():  # the selection: 60 steps, 600 s each
-        for weight, final in grid.items():
-            _record(cm, args, method, weight, 1, final)
+    _selection(cm, args)  # 60 steps, 600 s each
     for method, weight, wall in (("rkl", 1.0, 2300.0), ("flexkd", 0.05, 2900.0)):  # seed 1 at 240 steps
         _record(cm, args, method, weight, 1, 3.7, steps=240)
         name = cm.run_name(method, weight, 1, steps=240)
@@ -267,12 +269,7 @@ def test_an_rkl_weight_that_wins_at_the_final_length_becomes_a_row_and_a_base(cm
     once its seed-1 run at --steps ends below both rkl rows' seed 1 there, and then every row is also paired
     against it."""
     args = cm.parse_args(["--records", str(tmp_path), "--seeds", "2", "--steps", "240", "--report"])
-    finals = {"sft": {None: 3.9}, "fkl": {0.5: 3.8, 1.0: 3.7, 2.0: 3.75}, "rkl": {0.5: 3.95, 1.0: 4.0, 2.0: 4.1},
-              "projector": {0.005: 4.0, 0.05: 4.1, 0.5: 4.2}, "cka": {0.005: 4.0, 0.05: 3.9, 0.5: 4.2},
-              "flexkd": {0.005: 4.0, 0.05: 3.85, 0.5: 4.3}}  # fmt: skip
-    for method, grid in finals.items():
-        for weight, final in grid.items():
-            _record(cm, args, method, weight, 1, final)
+    _selection(cm, args, rkl={0.5: 3.95, 1.0: 4.0, 2.0: 4.1})  # rkl chooses beta 0.5
     assert cm.rkl_rechecks(args) == [2.0]
     assert cm.recheck_rows(args) == []  # nothing at 240 steps yet
     _record(cm, args, "rkl", 2.0, 1, 3.70, steps=240)
@@ -284,7 +281,6 @@ def test_an_rkl_weight_that_wins_at_the_final_length_becomes_a_row_and_a_base(cm
     _record(cm, args, "rkl", 2.0, 1, 3.725, steps=240)  # between the two rkl rows: not a row
     assert cm.recheck_rows(args) == [] and "rkl (beta 2)" not in cm.final_runs(args)
 
-    _record(cm, args, "rkl", 2.0, 1, 3.70, steps=240)
     sample, nll = [10.0, 8.0, 12.0, 9.0], [2.6, 2.8, 1.6, 2.7]
     for seed in (1, 2):
         _record(cm, args, "rkl", 2.0, seed, 3.70, sample, nll, steps=240)
