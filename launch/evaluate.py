@@ -27,6 +27,7 @@ from flexkd_ds.jobs.evaluate import (
     parse_named,
     run_evaluate,
 )
+from flexkd_ds.runtime.dist import shutdown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +195,7 @@ def main(argv=None) -> None:
     except (OSError, ValueError, ImportError) as err:  # bad inputs: one clear line, no traceback
         logging.getLogger("flexkd_ds").error("%s: %s", type(err).__name__, err)
         sys.exit(2)
+    shutdown()  # every rank finished: destroy the process group (see flexkd_ds.runtime.dist.shutdown)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,27 @@ def test_a_job_that_ends_well_destroys_its_process_group_and_one_that_fails_does
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "after success, initialized: False" in proc.stdout
     assert "error exit 1 initialized: True" in proc.stdout and "t.py: error: bad option x" in proc.stderr
+
+
+EVALUATE_SHUTDOWN_SCRIPT = """
+import importlib.util, sys
+import torch.distributed as dist
+from flexkd_ds.runtime.dist import init_distributed
+spec = importlib.util.spec_from_file_location("evaluate_cli", "launch/evaluate.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+cli.run_evaluate = lambda opts: init_distributed()  # the evaluation itself is tested elsewhere
+cli.main(["--model", "s=unused", "--data", "d=unused.jsonl", "--out", sys.argv[1]])
+print("after success, initialized:", dist.is_initialized())
+"""
+
+
+def test_an_evaluation_that_ends_well_destroys_its_process_group(tmp_path):
+    """launch/evaluate.py has its own error handling (not ``expected_errors``); it too must destroy the process
+    group after a successful run, or a multi-rank evaluation is open to the same gloo abort at exit."""
+    script = tmp_path / "evaluate_shutdown.py"
+    script.write_text(EVALUATE_SHUTDOWN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], cwd=REPO, env=job_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "after success, initialized: False" in proc.stdout
