@@ -424,8 +424,17 @@ def main(argv=None) -> None:
     names = args.runs or ["cut"] + sorted(
         d.name for d in (args.out / "runs").iterdir() if (d / "student" / "config.json").is_file()
     )
-    missing = [n for n in names if n != "cut" and not (args.out / "runs" / n / "student").is_dir()]
-    if missing:
+    records_path = args.records / "unit_alignment.json"
+    previous = json.loads(records_path.read_text()) if records_path.is_file() else {}
+    old_per_unit = previous.get("head_oracles", {}).get("per_unit", {})
+    per_unit_now = per_unit_to_measure(
+        args.per_unit, old_per_unit, previous.get("structure", {}).get("runs", {}), args.runs
+    )
+    wanted = [*names, *per_unit_now]
+    missing = [
+        n for n in dict.fromkeys(wanted) if n != "cut" and not (args.out / "runs" / n / "student").is_dir()
+    ]
+    if missing:  # before any measurement: a run stopped half way would leave a record with fewer sections
         raise SystemExit(f"no student under {args.out / 'runs'} for: {', '.join(missing)}")
     units = torch.tensor(cut_units(args.out, cut))
     shuffled = units[torch.randperm(len(units), generator=torch.Generator().manual_seed(0))]
@@ -447,9 +456,10 @@ def main(argv=None) -> None:
         raise SystemExit("the cut's head is not the teacher's restricted to the cut's units (prune.json)")
     oracle = head_oracles(teacher, labels, head, units, cut_head)
     print("head oracles: " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()), flush=True)
+    if old_per_unit:  # kept by the saves below until this run's per-unit pass replaces it
+        oracle["per_unit"] = old_per_unit
 
-    path = args.records / "unit_alignment.json"
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    path = records_path
     results = previous.get("results", {})
     states = {}  # hidden states of --per-unit runs measured here, reused by the split below
     for name in names:
@@ -460,7 +470,9 @@ def main(argv=None) -> None:
         if not torch.equal(student_labels, labels):
             raise SystemExit(f"{name}: its tokens are not the teacher's (another tokenizer?)")
         results[name] = measure(student, teacher, units, shuffled)
-        results[name].update(distribution_measures(student, head_weight(source_of(name)), teacher, head, labels))
+        results[name].update(
+            distribution_measures(student, head_weight(source_of(name)), teacher, head, labels)
+        )
         if name in args.per_unit:
             states[name] = student
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[name].items())
@@ -468,7 +480,6 @@ def main(argv=None) -> None:
         save(path, teacher.shape[0], oracle, results, previous.get("structure", {}))
 
     kept = teacher[:, units]
-    old_per_unit = previous.get("head_oracles", {}).get("per_unit", {})
     structure = {"runs": dict(previous.get("structure", {}).get("runs", {}))}
     old_curve = previous.get("structure", {}).get("noise_curve")
     if old_curve and list(old_curve) == [f"{r:.3f}" for r in NOISE_RHOS]:
@@ -483,7 +494,7 @@ def main(argv=None) -> None:
     per_unit.update(earlier_runs(old_per_unit, args.per_unit))
     permutation = torch.randperm(teacher.shape[0], generator=torch.Generator().manual_seed(0))
     for name in args.per_unit:
-        if name in old_per_unit and name in structure["runs"] and args.runs is None:
+        if name not in per_unit_now:
             per_unit[name] = old_per_unit[name]  # measured before
             continue
         student = states.pop(name, None)
@@ -496,12 +507,23 @@ def main(argv=None) -> None:
             student, kept, head_weight(source_of(name)), cut_head, labels, permutation
         )
         print(f"{name} residual: " + ", ".join(f"{k} {v:.3f}" for k, v in structure["runs"][name].items()))
-    oracle["per_unit"] = per_unit
+    oracle["per_unit"] = {k: per_unit[k] for k in dict.fromkeys([*old_per_unit, *per_unit]) if k in per_unit}
     save(path, teacher.shape[0], oracle, results, structure)
     (args.records / "unit_alignment.md").write_text(
         markdown(results, oracle, teacher.shape[0], args.records, structure)
     )
     print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def per_unit_to_measure(
+    per_unit: list[str], old_per_unit: dict, old_runs: dict, runs: list[str] | None
+) -> list[str]:
+    """The ``--per-unit`` runs to measure now: those without both records (per-quarter and residual), and
+    those named in ``--runs`` (measured again on request). A run recorded before and not named in ``--runs``
+    keeps its record, so ``--runs NEW`` does not need the students of older runs on disk."""
+    return [
+        n for n in per_unit if n not in old_per_unit or n not in old_runs or (runs is not None and n in runs)
+    ]
 
 
 def earlier_runs(old_per_unit: dict, named: list[str]) -> dict:

@@ -172,6 +172,20 @@ def test_a_run_with_other_per_unit_names_keeps_the_earlier_ones(ua):
     }
 
 
+def test_measuring_a_new_run_leaves_the_recorded_per_unit_runs_alone(ua):
+    """``--runs NEW`` with the default ``--per-unit`` list once measured every per-unit run again, so it
+    needed students lost with an earlier machine, stopped on the first, and its saves had dropped the
+    per-unit record by then (2026-12-04)."""
+    per_unit = ["sft-seed1", "flexkd-seed1", "rkl-seed1"]
+    old_per_unit = {"groups": "q", "sft-seed1": [0.6], "flexkd-seed1": [0.7]}
+    old_runs = {"sft-seed1": {}, "flexkd-seed1": {}}  # rkl-seed1 has no record yet
+    assert ua.per_unit_to_measure(per_unit, old_per_unit, old_runs, ["sft-s240-seed1"]) == ["rkl-seed1"]
+    assert ua.per_unit_to_measure(per_unit, old_per_unit, old_runs, None) == ["rkl-seed1"]
+    assert ua.per_unit_to_measure(per_unit, old_per_unit, old_runs, ["flexkd-seed1"]) == ["flexkd-seed1",
+                                                                                           "rkl-seed1"]
+    assert ua.per_unit_to_measure(per_unit, old_per_unit, {"sft-seed1": {}}, []) == ["flexkd-seed1", "rkl-seed1"]
+
+
 def test_the_pairing_is_the_cuts_plan_and_a_run_that_disagrees_stops_it(ua, tmp_path):
     import json
 
