@@ -141,8 +141,9 @@ class OutOfTime(Exception):
 def estimate_s(args, kind: str, method: str | None = None, steps: int | None = None) -> float | None:
     """How long a job of ``kind`` ("train", "nll" or "rouge") takes, from what the records measured: a run of
     this method and length (else any method at this length, else the slowest rate per step of any run, times
-    ``steps``); an evaluation pass (its own clock plus 60 s of start-up). The longest such measurement, so a
-    job that runs beside others still fits; None when nothing comparable was measured (the job runs)."""
+    ``steps``); an evaluation pass (its own clock plus 60 s of start-up; of the runs at ``--steps`` when any
+    was evaluated, else of every evaluated record). The longest such measurement, so a job that runs beside
+    others still fits; None when nothing comparable was measured (the job runs)."""
     records = []
     for path in sorted((Path(args.records) / "runs").glob("*.json")):
         record = load_record(args, path.stem)
@@ -155,9 +156,11 @@ def estimate_s(args, kind: str, method: str | None = None, steps: int | None = N
             if same:
                 return max(r["wall_s"] for r in same)
         return max((r["wall_s"] / r["steps"] * steps for r in timed), default=None)
-    seconds = [
-        r["eval"]["seconds"][kind] for r in records if (r.get("eval") or {}).get("seconds", {}).get(kind)
-    ]
+    evaluated = [r for r in records if (r.get("eval") or {}).get("seconds", {}).get(kind)]
+    # an evaluation's length does not depend on the run, but the machine does: the evaluations of this
+    # protocol's runs are the recent ones (those of the 60-step protocol took twice as long on an older machine)
+    current = [r for r in evaluated if r.get("steps") == args.steps]
+    seconds = [r["eval"]["seconds"][kind] for r in current or evaluated]
     return max(seconds) + 60 if seconds else None
 
 

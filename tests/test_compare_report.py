@@ -233,6 +233,25 @@ def test_time_limit_starts_only_the_jobs_the_records_say_fit(cm, tmp_path, capsy
     assert not any("eval_every" in c for c in trains if " seed=1 " in c)
 
 
+def test_evaluation_estimates_come_from_this_protocols_runs_when_there_are_any(cm, tmp_path):
+    """The 60-step protocol's evaluations ran on a machine half as fast; once runs at ``--steps`` have been
+    evaluated, their times alone set the estimate (else the last hour of a session refused every ROUGE-L pass,
+    at ~57 min estimated for a ~15 min job)."""
+    args = cm.parse_args(
+        ["--records", str(tmp_path / "records"), "--out", str(tmp_path / "out"), "--dry-run"]
+    )
+    _selection(cm, args)  # 60 steps
+    old = cm.load_record(args, cm.run_name("sft", None, 1))
+    cm.save_record(args, old["name"], {**old, "eval": {"seconds": {"nll": 900.0, "rouge": 3300.0}}})
+    assert cm.estimate_s(args, "rouge") == 3300.0 + 60 and cm.estimate_s(args, "nll") == 900.0 + 60
+    for method, weight, (nll, rouge) in (("rkl", 1.0, (210.0, 880.0)), ("flexkd", 0.05, (530.0, 950.0))):
+        _record(cm, args, method, weight, 1, 3.7, steps=args.steps)
+        name = cm.run_name(method, weight, 1, steps=args.steps)
+        record = cm.load_record(args, name)
+        cm.save_record(args, name, {**record, "eval": {"seconds": {"nll": nll, "rouge": rouge}}})
+    assert cm.estimate_s(args, "rouge") == 950.0 + 60 and cm.estimate_s(args, "nll") == 530.0 + 60
+
+
 def test_time_limit_must_be_positive(cm):
     with pytest.raises(SystemExit):
         cm.parse_args(["--time-limit", "0"])
