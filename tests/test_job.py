@@ -102,6 +102,31 @@ def test_a_job_that_ends_well_destroys_its_process_group_and_one_that_fails_does
     assert "error exit 1 initialized: True" in proc.stdout and "t.py: error: bad option x" in proc.stderr
 
 
+DEPRECATION_SCRIPT = """
+import warnings
+import torch
+import torch.distributed as dist
+from flexkd_ds.runtime.dist import init_distributed, shutdown
+init_distributed()
+with warnings.catch_warnings(record=True) as caught:
+    out = torch.zeros(2)
+    dist.all_gather_into_tensor(out, torch.ones(2))  # what DeepSpeed's ZeRO-3 gathers call
+print("future warnings:", [str(w.message)[:50] for w in caught if issubclass(w.category, FutureWarning)])
+shutdown()
+"""
+
+
+def test_a_job_does_not_print_torchs_deprecation_of_the_collective_deepspeed_calls(tmp_path):
+    """torch 2.13 deprecates ``all_gather_into_tensor``; DeepSpeed's ZeRO-3 gathers call it, so every rank of
+    every ZeRO-3 job printed a FutureWarning the user cannot act on (the quickstart, 2026-12-04)."""
+    script = tmp_path / "deprecation.py"
+    script.write_text(DEPRECATION_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=job_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "future warnings: []" in proc.stdout
+
+
 EVALUATE_SHUTDOWN_SCRIPT = """
 import importlib.util, sys
 import torch.distributed as dist

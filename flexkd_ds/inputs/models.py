@@ -195,8 +195,14 @@ def load_config(
     return AutoConfig.from_pretrained(source.path_or_name, **kwargs, **hf_kwargs)
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``{"dtype": dtype}`` for ``from_pretrained`` / ``from_config``, under the name this transformers reads
+    without a deprecation message (``torch_dtype`` before 4.56)."""
+    return {_DTYPE_KWARG: dtype}
+
+
 def _loading_kwargs(dtype: torch.dtype | str) -> dict:
-    kwargs: dict[str, Any] = {_DTYPE_KWARG: resolve_dtype(dtype)}
+    kwargs: dict[str, Any] = dtype_kwarg(resolve_dtype(dtype))
     if _TRANSFORMERS_VERSION < Version("5"):
         # 5.x always loads on the meta device and drops this flag; 4.x refuses it under ZeRO-3.
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -305,7 +311,7 @@ def build_causal_lm_from_config(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), **{_DTYPE_KWARG: resolve_dtype(dtype)})
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), **dtype_kwarg(resolve_dtype(dtype)))
 
 
 def load_sequence_classifier(

@@ -112,6 +112,8 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     the gathered tensors, so it costs one teacher's memory; a model that is already whole is returned as is."""
     from transformers import AutoModelForCausalLM
 
+    from flexkd_ds.inputs.models import dtype_kwarg
+
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         return model.eval()  # already whole and hook-free (e.g. the ablate job's plain teacher)
     persistent = model.state_dict().keys()
@@ -119,7 +121,7 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
         state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if name not in persistent}
     with torch.device("meta"):
-        copy = AutoModelForCausalLM.from_config(model.config, torch_dtype=next(iter(state.values())).dtype)
+        copy = AutoModelForCausalLM.from_config(model.config, **dtype_kwarg(next(iter(state.values())).dtype))
     copy.load_state_dict(state, strict=False, assign=True)
     for name, buffer in buffers.items():
         module_name, _, buffer_name = name.rpartition(".")

@@ -10,6 +10,7 @@ import atexit
 import contextlib
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,10 @@ def init_distributed() -> DistEnv:
         accelerator.set_device(local_rank)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    # DeepSpeed's ZeRO-3 gathers call this torch collective, which torch 2.13 deprecates: one warning per rank
+    # that no user can act on (DeepSpeed's to change)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)  # fmt: skip
     device = torch.device(
         accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu"
     )
