@@ -68,6 +68,16 @@ def test_field_map_bad_keys_are_named(tmp_path, mapping):
         load_config(RECIPE, [f"output_dir={tmp_path}", f"data.field_map={mapping}"])
 
 
+def run_script(tmp_path, text: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``text`` as a Python script in a fresh process from the repository root; it must exit 0."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=job_env(), capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 SHUTDOWN_SCRIPT = """
 import os, socket
 import torch.distributed as dist
@@ -93,11 +103,7 @@ def test_a_job_that_ends_well_destroys_its_process_group_and_one_that_fails_does
     """Left to interpreter exit, gloo's threads could abort a finished 2-rank job ("terminate called without
     an active exception", non-zero exit; once in CI). A launch script's ``expected_errors`` now destroys the
     group when the job ends well, and not after an error (a peer may still be in a collective)."""
-    script = tmp_path / "shutdown.py"
-    script.write_text(SHUTDOWN_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=job_env(), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(tmp_path, SHUTDOWN_SCRIPT)
     assert "after success, initialized: False" in proc.stdout
     assert "error exit 1 initialized: True" in proc.stdout and "t.py: error: bad option x" in proc.stderr
 
@@ -119,11 +125,7 @@ shutdown()
 def test_a_job_does_not_print_torchs_deprecation_of_the_collective_deepspeed_calls(tmp_path):
     """torch 2.13 deprecates ``all_gather_into_tensor``; DeepSpeed's ZeRO-3 gathers call it, so every rank of
     every ZeRO-3 job printed a FutureWarning the user cannot act on (the quickstart, 2026-12-04)."""
-    script = tmp_path / "deprecation.py"
-    script.write_text(DEPRECATION_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=job_env(), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(tmp_path, DEPRECATION_SCRIPT)
     assert "future warnings: []" in proc.stdout
 
 
@@ -143,9 +145,5 @@ print("after success, initialized:", dist.is_initialized())
 def test_an_evaluation_that_ends_well_destroys_its_process_group(tmp_path):
     """launch/evaluate.py has its own error handling (not ``expected_errors``); it too must destroy the process
     group after a successful run, or a multi-rank evaluation is open to the same gloo abort at exit."""
-    script = tmp_path / "evaluate_shutdown.py"
-    script.write_text(EVALUATE_SHUTDOWN_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], cwd=REPO, env=job_env(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(tmp_path, EVALUATE_SHUTDOWN_SCRIPT, str(tmp_path / "out"))
     assert "after success, initialized: False" in proc.stdout
