@@ -47,10 +47,9 @@ def kernel_sweep(dtype) -> None:
     teacher = torch.randn(b, t, d_t, device=dev, generator=g).to(dtype)
     student = torch.randn(b, t, d_s, device=dev, generator=g).to(dtype).requires_grad_(True)
     units = torch.randperm(d_t, device=dev, generator=g)[:d_s]
-    rows = torch.arange(b * t, device=dev)
     n, e = b * t, teacher.element_size()
     fwd_bytes, bwd_bytes = n * d_s * 2 * e, n * d_s * 3 * e
-    moments = kc.correlation_moments_forward(teacher, student.detach(), units, rows)
+    moments = kc.correlation_moments_forward(teacher, student.detach(), units)
     grad = torch.randn(6, d_s, device=dev, generator=g)
     print(f"kernel sweep: N {n}, d_T {d_t}, d_S {d_s}, {dtype}; {torch.cuda.get_device_name()}, "
           f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")  # fmt: skip
@@ -69,9 +68,9 @@ def kernel_sweep(dtype) -> None:
             opts = dict(block_rows=block_r, block_cols=block_d, num_splits=splits)
             try:
                 f_ms = bench_ms(lambda o=opts: kc.correlation_moments_forward(
-                    teacher, student.detach(), units, rows, **o))  # fmt: skip
+                    teacher, student.detach(), units, **o))  # fmt: skip
                 b_ms = bench_ms(lambda o=opts: kc.correlation_moments_backward(
-                    grad, moments, teacher, student.detach(), units, rows, **o))  # fmt: skip
+                    grad, moments, teacher, student.detach(), units, **o))  # fmt: skip
             except Exception as err:  # out of resources for this tile: skip it
                 print(f"  {block_r:>3} {block_d:>4} {warps:>2} {splits:>6}  failed: {type(err).__name__}")
                 continue

@@ -49,9 +49,9 @@ def _correlation_moments_fwd_kernel(
     teacher_ptr,  # (B, T, d_T) via strides, fp32/fp16/bf16
     student_ptr,  # (B, T, d_S) via strides
     unit_ptr,  # (d_S,) int32/int64: teacher column of student column m
-    row_ids_ptr,  # (N,) int64: valid flat row ids b * T + p, ascending
+    row_valid_ptr,  # (B*T,) int8, 1 for rows in the moments (unused when ALL_ROWS)
     partial_ptr,  # (num_splits, 6, d_S) fp32 out, contiguous
-    num_rows,  # N
+    total_rows,  # B * T
     d_student,
     seq_len,  # T (1 for rank-2 inputs)
     t_stride_b,
@@ -61,12 +61,15 @@ def _correlation_moments_fwd_kernel(
     s_stride_t,
     s_stride_d,
     rows_per_split,
+    ALL_ROWS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Program (column block j, row split k) owns columns [j*BLOCK_D, (j+1)*BLOCK_D) and rows
-    # [k*rows_per_split, (k+1)*rows_per_split) of the compacted row list, and writes the moments
-    # (n, mean_t, mean_s, M2_t, M2_s, C_ts) of that block to partial[k, :, columns].
+    # Program (column block j, row split k) owns columns [j*BLOCK_D, (j+1)*BLOCK_D) and flat rows
+    # [k*rows_per_split, (k+1)*rows_per_split), and writes the moments (n, mean_t, mean_s, M2_t, M2_s, C_ts)
+    # of the valid rows of that block to partial[k, :, columns]. The rows come as a mask, not as a list of
+    # valid row ids: listing them (nonzero) would make the host wait for the device on every call. Masked
+    # rows read nothing from memory.
     #
     # Per tile of BLOCK_R rows (held in registers) the two-pass moments are exact in fp32:
     #   mean_x = sum(x) / n_b,  M2_x = sum((x - mean_x)^2),  C = sum((t - mean_t)(s - mean_s)).
@@ -76,7 +79,8 @@ def _correlation_moments_fwd_kernel(
     #   M2_x    = M2_a + M2_b + delta_x^2 * n_a n_b / n
     #   C       = C_a  + C_b  + delta_t delta_s * n_a n_b / n
     # Nothing ever forms sum(x^2) - sum(x)^2 / n, which cancels catastrophically in fp32 when a column has
-    # |mean| in the hundreds and std below one (massive activations).
+    # |mean| in the hundreds and std below one (massive activations). A tile without a valid row (n_b = 0)
+    # has zero sums and merges as nothing: frac_b = 0 and weight = 0 leave the running moments as they are.
     pid_d = tl.program_id(0)
     pid_split = tl.program_id(1)
 
@@ -87,7 +91,7 @@ def _correlation_moments_fwd_kernel(
     s_col_off = cols.to(tl.int64) * s_stride_d
 
     row_start = pid_split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, num_rows)
+    row_end = tl.minimum(row_start + rows_per_split, total_rows)
 
     n_run = tl.zeros((BLOCK_D,), dtype=tl.float32)
     mean_t = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -99,22 +103,26 @@ def _correlation_moments_fwd_kernel(
     for tile_start in range(row_start, row_end, BLOCK_R):
         rows = tile_start + tl.arange(0, BLOCK_R)
         row_mask = rows < row_end
+        if ALL_ROWS:
+            valid = row_mask
+        else:
+            valid = tl.load(row_valid_ptr + rows, mask=row_mask, other=0) != 0
         # int64 before any multiply: B * T * d elements may exceed 2^31.
-        flat = tl.load(row_ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        flat = rows.to(tl.int64)
         b = flat // seq_len
         p = flat - b * seq_len
         t_row_off = b * t_stride_b + p * t_stride_t  # (BLOCK_R,) int64
         s_row_off = b * s_stride_b + p * s_stride_t
-        mask = row_mask[:, None] & col_mask[None, :]
+        mask = valid[:, None] & col_mask[None, :]
         t = tl.load(teacher_ptr + t_row_off[:, None] + t_col_off[None, :], mask=mask, other=0.0)
         s = tl.load(student_ptr + s_row_off[:, None] + s_col_off[None, :], mask=mask, other=0.0)
         t = t.to(tl.float32)
         s = s.to(tl.float32)
 
-        # Tile moments; n_b >= 1 because tile_start < row_end.
-        n_b = tl.sum(row_mask.to(tl.float32), axis=0)
-        mean_tb = tl.sum(t, axis=0) / n_b
-        mean_sb = tl.sum(s, axis=0) / n_b
+        # Tile moments (masked rows loaded as 0 and left out of the centred sums).
+        n_b = tl.sum(valid.to(tl.float32), axis=0)
+        mean_tb = tl.sum(t, axis=0) / tl.maximum(n_b, 1.0)
+        mean_sb = tl.sum(s, axis=0) / tl.maximum(n_b, 1.0)
         tc = tl.where(mask, t - mean_tb[None, :], 0.0)
         sc = tl.where(mask, s - mean_sb[None, :], 0.0)
         m2_tb = tl.sum(tc * tc, axis=0)
@@ -125,7 +133,7 @@ def _correlation_moments_fwd_kernel(
         n_new = n_run + n_b
         delta_t = mean_tb - mean_t
         delta_s = mean_sb - mean_s
-        frac_b = n_b / n_new
+        frac_b = n_b / tl.maximum(n_new, 1.0)  # 0 for a tile without valid rows
         weight = n_run * frac_b  # n_a n_b / n
         mean_t += delta_t * frac_b
         mean_s += delta_s * frac_b
@@ -251,11 +259,19 @@ def _num_splits(num_rows: int, num_col_blocks: int, block_rows: int, device: tor
     return max(1, min(wanted, triton.cdiv(num_rows, block_rows)))
 
 
+def row_valid_bytes(valid_mask: Tensor | None) -> Tensor | None:
+    """(...) bool mask -> (numel,) int8 flat row mask for the kernels (a view when the mask is contiguous);
+    None (every row) stays None. Nothing here reads the mask on the host."""
+    if valid_mask is None:
+        return None
+    return valid_mask.reshape(-1).to(torch.bool).view(torch.int8)
+
+
 def correlation_moments_forward(
     teacher_hidden: Tensor,
     student_hidden: Tensor,
     unit_indices: Tensor,
-    row_ids: Tensor,
+    row_valid: Tensor | None = None,
     *,
     num_splits: int | None = None,
     block_rows: int | None = None,
@@ -263,12 +279,13 @@ def correlation_moments_forward(
 ) -> Tensor:
     """Launch the forward kernel; returns the merged moments (6, d_S) fp32 (no autograd).
 
-    ``row_ids`` (N,) int64 are flat row ids into ``teacher_hidden.shape[:-1]``. ``num_splits`` and the block
-    sizes override the heuristics (tests use them to force several tiles and splits).
+    ``row_valid`` (B*T,) int8 marks the rows of ``teacher_hidden.shape[:-1]`` (flattened) to use
+    (``row_valid_bytes``); None uses every row. No valid row gives zeros (count 0). ``num_splits`` and the
+    block sizes override the heuristics (tests use them to force several tiles and splits).
     """
     d_student = student_hidden.shape[-1]
-    num_rows = row_ids.numel()
-    if num_rows == 0:  # reference semantics: zeros everywhere, count 0
+    total_rows = student_hidden.shape[:-1].numel()
+    if total_rows == 0:  # reference semantics: zeros everywhere, count 0
         return torch.zeros(6, d_student, dtype=torch.float32, device=student_hidden.device)
     default_rows, default_cols, num_warps = _launch_config(student_hidden.device)
     block_rows, block_cols = block_rows or default_rows, block_cols or default_cols
@@ -276,13 +293,14 @@ def correlation_moments_forward(
     student, _, s_strides = _rows_view(student_hidden)
     col_blocks = triton.cdiv(d_student, block_cols)
     if num_splits is None:
-        num_splits = _num_splits(num_rows, col_blocks, block_rows, student.device)
-    rows_per_split = triton.cdiv(num_rows, num_splits)
+        num_splits = _num_splits(total_rows, col_blocks, block_rows, student.device)
+    rows_per_split = triton.cdiv(total_rows, num_splits)
     partial = torch.empty(num_splits, 6, d_student, dtype=torch.float32, device=student.device)
+    all_rows = row_valid is None
     _correlation_moments_fwd_kernel[(col_blocks, num_splits)](
-        teacher, student, unit_indices, row_ids, partial,
-        num_rows, d_student, seq_len, *t_strides, *s_strides, rows_per_split,
-        BLOCK_R=block_rows, BLOCK_D=block_cols, num_warps=num_warps,
+        teacher, student, unit_indices, unit_indices if all_rows else row_valid, partial,
+        total_rows, d_student, seq_len, *t_strides, *s_strides, rows_per_split,
+        ALL_ROWS=all_rows, BLOCK_R=block_rows, BLOCK_D=block_cols, num_warps=num_warps,
     )  # fmt: skip
     if num_splits == 1:
         return partial[0]
@@ -297,13 +315,14 @@ def correlation_moments_backward(
     teacher_hidden: Tensor,
     student_hidden: Tensor,
     unit_indices: Tensor,
-    row_ids: Tensor,
+    row_valid: Tensor | None = None,
     *,
     num_splits: int | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
 ) -> Tensor:
-    """Launch the backward kernel; returns d(out)/d(student_hidden) in the student's dtype and layout."""
+    """Launch the backward kernel; returns d(out)/d(student_hidden) in the student's dtype and layout
+    (``row_valid`` as in ``correlation_moments_forward``; masked rows get a zero gradient)."""
     grad_student = torch.empty_like(student_hidden)  # keeps the student's strides when dense
     if grad_student.dim() > 3:
         try:
@@ -312,9 +331,9 @@ def correlation_moments_backward(
             grad_student = torch.empty(
                 student_hidden.shape, dtype=student_hidden.dtype, device=student_hidden.device
             )
-    num_valid = row_ids.numel()
-    if num_valid == 0:
-        return grad_student.zero_()
+    total_rows = student_hidden.shape[:-1].numel()
+    if total_rows == 0:
+        return grad_student
     grad_moments = grad_moments.to(torch.float32)
     count = moments[0].clamp_min(1.0)
     coef = torch.stack(
@@ -325,21 +344,14 @@ def correlation_moments_backward(
     teacher, seq_len, t_strides = _rows_view(teacher_hidden)
     student, _, s_strides = _rows_view(student_hidden)
     grad_rows, _, g_strides = _rows_view(grad_student)
-    total_rows = student_hidden.shape[:-1].numel()
-    all_rows = num_valid == total_rows  # row_ids are unique, so this means every row is valid
-    if all_rows:
-        row_valid = row_ids  # never read
-    else:
-        # index_fill_ takes the 1 as a scalar; ``row_valid[row_ids] = 1`` copies a host tensor to the device
-        # first, a host sync on every backward (torch.cuda.set_sync_debug_mode on an H200, 2026-12-04)
-        row_valid = torch.zeros(total_rows, dtype=torch.int8, device=student.device).index_fill_(0, row_ids, 1)
+    all_rows = row_valid is None
     d_student = student.shape[-1]
     col_blocks = triton.cdiv(d_student, block_cols)
     if num_splits is None:
         num_splits = _num_splits(total_rows, col_blocks, block_rows, student.device)
     rows_per_split = triton.cdiv(total_rows, num_splits)
     _correlation_moments_bwd_kernel[(col_blocks, num_splits)](
-        teacher, student, grad_rows, unit_indices, row_valid, coef,
+        teacher, student, grad_rows, unit_indices, unit_indices if all_rows else row_valid, coef,
         total_rows, d_student, seq_len, *t_strides, *s_strides, *g_strides, rows_per_split,
         ALL_ROWS=all_rows, BLOCK_R=block_rows, BLOCK_D=block_cols, num_warps=num_warps,
     )  # fmt: skip
@@ -354,22 +366,22 @@ class CorrelationMomentsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, teacher_hidden, student_hidden, unit_indices, row_ids, launch_options=None):
+    def forward(ctx, teacher_hidden, student_hidden, unit_indices, row_valid, launch_options=None):
         options = dict(launch_options or {})
         moments = correlation_moments_forward(
-            teacher_hidden, student_hidden, unit_indices, row_ids, **options
+            teacher_hidden, student_hidden, unit_indices, row_valid, **options
         )
-        ctx.save_for_backward(teacher_hidden, student_hidden, unit_indices, row_ids, moments)
+        ctx.save_for_backward(teacher_hidden, student_hidden, unit_indices, row_valid, moments)
         ctx.launch_options = options
         return moments
 
     @staticmethod
     def backward(ctx, grad_moments):
-        teacher_hidden, student_hidden, unit_indices, row_ids, moments = ctx.saved_tensors
+        teacher_hidden, student_hidden, unit_indices, row_valid, moments = ctx.saved_tensors
         grad_student = None
         if ctx.needs_input_grad[1]:
             grad_student = correlation_moments_backward(
-                grad_moments, moments, teacher_hidden, student_hidden, unit_indices, row_ids,
+                grad_moments, moments, teacher_hidden, student_hidden, unit_indices, row_valid,
                 **ctx.launch_options,
             )  # fmt: skip
         return None, grad_student, None, None, None
@@ -412,10 +424,7 @@ def correlation_moments_triton(
         devices.add(valid_mask.device)
     if len(devices) != 1:
         raise ValueError(f"all correlation inputs must be on one device; got {sorted(map(str, devices))}")
-    if valid_mask is None:
-        row_ids = torch.arange(student_hidden.shape[:-1].numel(), device=student_hidden.device)
-    else:
-        row_ids = valid_mask.reshape(-1).nonzero().squeeze(1)  # (N,) int64, ascending
     return CorrelationMomentsFunction.apply(
-        teacher_hidden.detach(), student_hidden, unit_indices.contiguous(), row_ids, launch_options
-    )
+        teacher_hidden.detach(), student_hidden, unit_indices.contiguous(), row_valid_bytes(valid_mask),
+        launch_options,
+    )  # fmt: skip

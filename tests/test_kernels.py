@@ -152,6 +152,55 @@ def test_chan_merge_across_tiles_and_splits():
     assert torch.equal(first, again), "no atomics: the same launch must give bitwise identical moments"
 
 
+def test_tiles_and_splits_without_a_valid_row_merge_as_nothing():
+    # 300 flat rows in 16-row tiles and 5 splits of 60: rows 20..139 masked out covers whole tiles and the
+    # whole second split, so some programs see no valid row at all and others start on empty tiles.
+    teacher, student, units = make_inputs((4, 75), 96, 40, seed=11)
+    mask = torch.ones(300, dtype=torch.bool)
+    mask[20:140] = False
+    mask[200:203] = False  # and a partly masked tile
+    mask = mask.reshape(4, 75).to(DEVICE)
+    for num_splits in (1, 5):
+        moments = check_against_reference(
+            teacher, student, units, mask, num_splits=num_splits, block_rows=16, block_cols=32
+        )
+        assert (moments[0] == int(mask.sum())).all()
+
+
+def test_the_fused_path_never_lists_the_valid_rows_on_the_host():
+    """The valid rows go to the kernels as a mask: no nonzero / boolean indexing / .item() (each makes the
+    host wait for a GPU) in the forward or the backward; the values stay the reference's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    host_reads = {"aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "aten::index.Tensor"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            overload = "" if func._overloadname == "default" else "." + func._overloadname
+            self.seen.append(func._schema.name + overload)
+            return func(*args, **(kwargs or {}))
+
+    teacher, student, units = make_inputs((3, 37), 60, 24, seed=12)
+    mask = (torch.rand(3, 37, generator=torch.Generator().manual_seed(13)) > 0.4).to(DEVICE)
+    student = student.requires_grad_(True)
+    with Record() as record:
+        moments = kc.correlation_moments_triton(teacher, student, units, mask, validate=False)
+        weights = torch.arange(1.0, 7.0, device=DEVICE)[:, None]
+        (grad,) = torch.autograd.grad((moments * weights).sum(), student)
+    assert record.seen, "the recorder saw no operator at all"
+    host_waits = sorted(host_reads & set(record.seen))
+    assert not host_waits, f"the fused path read device values on the host: {host_waits}"
+    reference = losses.correlation_moments(teacher, student, units, mask)
+    assert_moments_close(moments, reference.detach(), TOLERANCES[torch.float32][0])
+    weights = torch.arange(1.0, 7.0, device=DEVICE)[:, None]
+    (ref_grad,) = torch.autograd.grad((reference * weights).sum(), student)
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()), name="grad")
+
+
 def test_non_contiguous_layouts():
     teacher, student, units = make_inputs((2, 19), 53, 21, seed=3)
     # (B, d_T, T) storage seen as (B, T, d_T): unit stride on the token axis, not on the feature axis.
@@ -165,11 +214,8 @@ def test_non_contiguous_layouts():
     check_against_reference(sliced, student, units.to(torch.int32))
     # Transposed student: the gradient comes back in the student's layout.
     student_t = student.transpose(0, 1).contiguous().transpose(0, 1)
-    row_ids = torch.arange(38, device=DEVICE)
-    moments = kc.correlation_moments_forward(teacher, student_t, units, row_ids)
-    grad = kc.correlation_moments_backward(
-        torch.ones_like(moments), moments, teacher, student_t, units, row_ids
-    )
+    moments = kc.correlation_moments_forward(teacher, student_t, units)
+    grad = kc.correlation_moments_backward(torch.ones_like(moments), moments, teacher, student_t, units)
     assert grad.stride() == student_t.stride()
     check_against_reference(teacher, student_t, units)
 
