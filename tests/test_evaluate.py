@@ -25,6 +25,7 @@ from flexkd_ds.evaluation.metrics import (
     nll_batches,
     response_nll,
     rouge_l,
+    rouge_l_parts,
 )
 from flexkd_ds.inputs import data
 from flexkd_ds.inputs.byte_tokenizer import byte_tokenizer
@@ -114,6 +115,21 @@ def test_rouge_l_is_rouge_score_best_over_references():
     assert got[3] > _direct_rouge(predictions[3], ["some words"])  # max, not the first reference
     with pytest.raises(ValueError, match="predictions"):
         rouge_l(["a"], [])
+
+
+def test_rouge_l_parts_are_the_lcs_over_each_side_of_the_best_reference():
+    # stemmed tokens: "the cat sat on the mat" (6) against "the cat is on a mat" (6) and "cats on mats" (3);
+    # LCS "the cat on mat" = 4 with the first: P = R = 4/6, F = 4/6; "cat on mat" = 3 with the second:
+    # P = 3/6, R = 3/3, F = 2PR / (P + R) = 2/3 too, so the first reference (F ties) is the one reported.
+    # A prediction of 2 tokens against 5: LCS 2 -> P = 1, R = 2/5, F = 2 * 0.4 / 1.4.
+    predictions = ["The cat sat on the mat", "cat mat"]
+    references = [["the cat is on a mat", "cats on mats"], ["a cat on the mat"]]
+    parts = rouge_l_parts(predictions, references)
+    assert parts[0] == pytest.approx((100 * 4 / 6, 100 * 4 / 6, 100 * 4 / 6))
+    assert parts[1] == pytest.approx((100.0, 40.0, 100 * 0.8 / 1.4))
+    assert [f for _, _, f in parts] == rouge_l(predictions, references)
+    with pytest.raises(ValueError, match="non-empty list"):
+        rouge_l_parts(["a"], ["a reference string, not a list"])
 
 
 # -------------------------------------------------------------------------------------------------- NLL

@@ -177,6 +177,14 @@ def nll_batches(
 def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
     """Per example: ROUGE-L F-measure x 100, the best over that example's references (MiniLLM's choice:
     ``RougeScorer(["rougeL"], use_stemmer=True)``, default tokenizer)."""
+    return [f for _, _, f in rouge_l_parts(predictions, references)]
+
+
+def rouge_l_parts(
+    predictions: Sequence[str], references: Sequence[Sequence[str]]
+) -> list[tuple[float, float, float]]:
+    """Per example: (precision, recall, F-measure) x 100 of ROUGE-L against the reference with the best F
+    (the one ``rouge_l`` scores); precision is LCS / prediction length, recall LCS / reference length."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
     scorer = _scorer()
@@ -184,8 +192,9 @@ def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
     for k, (prediction, refs) in enumerate(zip(predictions, references, strict=True)):
         if isinstance(refs, str) or not refs:
             raise ValueError(f"example {k}: references must be a non-empty list of strings, got {refs!r:.60}")
-        best = max(scorer.score(target=ref, prediction=prediction)[ROUGE_TYPE].fmeasure for ref in refs)
-        scores.append(100.0 * best)
+        parts = [scorer.score(target=ref, prediction=prediction)[ROUGE_TYPE] for ref in refs]
+        best = max(parts, key=lambda score: score.fmeasure)  # the first of equal F, as max over F did
+        scores.append((100.0 * best.precision, 100.0 * best.recall, 100.0 * best.fmeasure))
     return scores
 
 
