@@ -3,6 +3,7 @@ process), read their artifacts, compare weights with a verbose report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +23,14 @@ SCORE = "launch/score.py"
 # Variables a launcher sets for its ranks: inherited ones would make a plain ``python`` job join a group.
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
               "CROSS_SIZE", "NODE_RANK", "GROUP_RANK")  # fmt: skip
+
+
+def load_script(path: Path, name: str | None = None):
+    """Import a script that is not a package module (``bench/*.py``, ``launch/*.py``) from its file."""
+    spec = importlib.util.spec_from_file_location(name or f"{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

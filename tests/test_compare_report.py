@@ -4,14 +4,13 @@ arithmetic written out here on fabricated records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
 from pathlib import Path
 
 import pytest
-from _helpers import REPO
+from _helpers import REPO, load_script
 from transformers import AutoTokenizer
 
 from flexkd_ds.inputs.models import build_causal_lm_from_config, tiny_config
@@ -20,16 +19,9 @@ GPT2_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt2"
 T975 = {2: 4.302653, 3: 3.182446, 4: 2.776445}  # Student-t 0.975 quantiles by degrees of freedom (tables)
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cm():
-    return _load("compare_methods_bench", REPO / "bench" / "compare_methods.py")
+    return load_script(REPO / "bench" / "compare_methods.py", "compare_methods_bench")
 
 
 def test_evaluate_reads_what_the_evaluation_job_writes(cm, tmp_path):
@@ -45,7 +37,7 @@ def test_evaluate_reads_what_the_evaluation_job_writes(cm, tmp_path):
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
     sets = [a for s, f in cm.TEST_SETS.items() for a in ("--data", f"{s}={cm.DATA / f}")]
-    launcher = _load("evaluate_launcher", REPO / "launch" / "evaluate.py")
+    launcher = load_script(REPO / "launch" / "evaluate.py", "evaluate_launcher")
     for metric, extra in (("nll", []), ("rouge", ["--decoding", "both", "--seeds", "1", "2"])):
         launcher.main(["--model", f"m={model_dir}", *sets, "--out", str(out / "eval" / "m" / metric), "--metrics",
                        metric, "--max-rows", "3", "--max-new-tokens", "4", "--batch-size", "2", "--no-progress",
@@ -226,7 +218,10 @@ def test_time_limit_starts_only_the_jobs_the_records_say_fit(cm, tmp_path, capsy
     # first rkl's unused grid weights (it chose beta 1 here: 0.5 and 2) at 240 steps, seed 1, dev only; then
     # seed 1: all rows but rkl (its student is there; flexkd's record is, its student is not); seed 2: all 7
     assert len(trains) == 2 + 6 + 7
-    assert all(f"output_dir={out.resolve()}/runs/rkl-s240-b{w}-seed1 " in c for w, c in zip(("0.5", "2"), trains[:2], strict=True))
+    assert all(
+        f"output_dir={out.resolve()}/runs/rkl-s240-b{w}-seed1 " in c
+        for w, c in zip(("0.5", "2"), trains[:2], strict=True)
+    )
     assert all("train.max_steps=240" in c for c in trains[:2])
     later = [c for c in trains if " seed=2 " in c]
     assert len(later) == 7 and all(" train.eval_every=30 " in c + " " for c in later)
@@ -267,10 +262,16 @@ def test_cache_fingerprint_and_the_report_line(cm, tmp_path):
     cache = out / "cache-bf16"
     cache.mkdir(parents=True)
     for i, digest in enumerate(("aa" * 32, "bb" * 32)):
-        (cache / f"shard-r{i:05d}-s00000.json").write_text(json.dumps({"file": f"s{i}.safetensors", "sha256": digest}))
-    expected = hashlib.sha256(f"s0.safetensors:{'aa' * 32}\ns1.safetensors:{'bb' * 32}".encode()).hexdigest()[:16]
+        (cache / f"shard-r{i:05d}-s00000.json").write_text(
+            json.dumps({"file": f"s{i}.safetensors", "sha256": digest})
+        )
+    expected = hashlib.sha256(f"s0.safetensors:{'aa' * 32}\ns1.safetensors:{'bb' * 32}".encode()).hexdigest()[
+        :16
+    ]
     assert cm.cache_sha256(out) == expected
-    (cache / "shard-r00001-s00000.json").write_text(json.dumps({"file": "s1.safetensors", "sha256": "cc" * 32}))
+    (cache / "shard-r00001-s00000.json").write_text(
+        json.dumps({"file": "s1.safetensors", "sha256": "cc" * 32})
+    )
     assert cm.cache_sha256(out) != expected
 
     args = cm.parse_args(["--records", str(tmp_path / "records"), "--report"])

@@ -3,21 +3,15 @@ repeats are counted by hand here, and its refusal of predictions that do not giv
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-from _helpers import REPO
+from _helpers import REPO, load_script
 
 
 @pytest.fixture(scope="module")
 def gs():
-    spec = importlib.util.spec_from_file_location(
-        "generation_shape_bench", REPO / "bench" / "generation_shape.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "bench" / "generation_shape.py")
 
 
 class WordTokenizer:

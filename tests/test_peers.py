@@ -3,7 +3,6 @@ of TRL's GKD (lmbda 0, beta 1) and torchtune's KD losses with flexkd-ds's revers
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import load_script
 
 from flexkd_ds.method import losses
 from flexkd_ds.method.fused_logits import fused_linear_divergence
@@ -21,10 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _peers():
-    spec = importlib.util.spec_from_file_location("peers_bench", REPO / "bench" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "bench" / "peers.py")
 
 
 def _batch(batch_size: int = 3, length: int = 11, vocab: int = 37, seed: int = 0) -> dict:

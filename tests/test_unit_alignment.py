@@ -3,22 +3,15 @@ answer is known (a student that is a linear map of the teacher; independent nois
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
-from _helpers import REPO
+from _helpers import REPO, load_script
 
 
 @pytest.fixture(scope="module")
 def ua():
-    spec = importlib.util.spec_from_file_location(
-        "unit_alignment_bench", REPO / "bench" / "unit_alignment.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "bench" / "unit_alignment.py")
 
 
 def test_measures_against_numpy(ua):
@@ -181,9 +174,14 @@ def test_measuring_a_new_run_leaves_the_recorded_per_unit_runs_alone(ua):
     old_runs = {"sft-seed1": {}, "flexkd-seed1": {}}  # rkl-seed1 has no record yet
     assert ua.per_unit_to_measure(per_unit, old_per_unit, old_runs, ["sft-s240-seed1"]) == ["rkl-seed1"]
     assert ua.per_unit_to_measure(per_unit, old_per_unit, old_runs, None) == ["rkl-seed1"]
-    assert ua.per_unit_to_measure(per_unit, old_per_unit, old_runs, ["flexkd-seed1"]) == ["flexkd-seed1",
-                                                                                           "rkl-seed1"]
-    assert ua.per_unit_to_measure(per_unit, old_per_unit, {"sft-seed1": {}}, []) == ["flexkd-seed1", "rkl-seed1"]
+    assert ua.per_unit_to_measure(per_unit, old_per_unit, old_runs, ["flexkd-seed1"]) == [
+        "flexkd-seed1",
+        "rkl-seed1",
+    ]
+    assert ua.per_unit_to_measure(per_unit, old_per_unit, {"sft-seed1": {}}, []) == [
+        "flexkd-seed1",
+        "rkl-seed1",
+    ]
 
 
 def test_the_pairing_is_the_cuts_plan_and_a_run_that_disagrees_stops_it(ua, tmp_path):
@@ -207,8 +205,14 @@ def test_distribution_measures_against_numpy(ua):
     here; a student that is the teacher has zero KL and full agreement."""
     gen = torch.Generator().manual_seed(3)
     n, d_s, d_t, vocab = 37, 5, 7, 11
-    student, teacher = torch.randn(n, d_s, generator=gen).double(), torch.randn(n, d_t, generator=gen).double()
-    s_head, t_head = torch.randn(vocab, d_s, generator=gen).double(), torch.randn(vocab, d_t, generator=gen).double()
+    student, teacher = (
+        torch.randn(n, d_s, generator=gen).double(),
+        torch.randn(n, d_t, generator=gen).double(),
+    )
+    s_head, t_head = (
+        torch.randn(vocab, d_s, generator=gen).double(),
+        torch.randn(vocab, d_t, generator=gen).double(),
+    )
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[::4] = -100
     got = ua.distribution_measures(student, s_head, teacher, t_head, labels, chunk=8)
