@@ -2,11 +2,10 @@
 
 The comparison samples at temperature 1, the paper's protocol. Flex-KD's student is less sharp than the rkl
 students (seed 1: mean entropy 2.85 nats on the dev responses against 2.82 and 2.76 for rkl at beta 0.5
-and 1, `bench/unit_alignment.py`), so at
-temperature 1 it samples more of its tail; a reviewer will ask whether its ROUGE-L deficit is that. This
-script answers on the 100 dev rows (never a test set): each run's sampled ROUGE-L at each temperature, and
-greedy decoding (the limit of temperature 0), with length and ROUGE-L precision / recall
-(`bench/generation_shape.py`'s measures).
+and 1, `bench/unit_alignment.py`), so at temperature 1 it samples more of its tail; a reviewer will ask
+whether its ROUGE-L deficit is that. This script answers on the 100 dev rows (never a test set): each
+run's sampled ROUGE-L at each temperature, and greedy decoding (the limit of temperature 0), with length and
+ROUGE-L precision / recall (`bench/generation_shape.py`'s measures).
 
     python bench/sampling_temperature.py --out runs/compare                       # 3 seed-1 students
     python bench/sampling_temperature.py --out runs/compare --temperatures 1 0.85 0.7 0.5 \\
