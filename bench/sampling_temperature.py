@@ -14,8 +14,10 @@ ROUGE-L precision / recall (`bench/generation_shape.py`'s measures).
 Each (run, temperature) is one ``launch/evaluate.py`` pass over ``--out/data/dev.jsonl`` with the
 comparison's settings (5 sampling seeds 10..50, 128 new tokens, bf16, 64 prompts per call), kept under
 ``--out/eval-dev/<run>/t<T>`` (``greedy`` for greedy): a stopped sweep resumes where it stopped, and adding a
-temperature or a run measures only what is new. About 3 min per sampled pass and 1 min per greedy pass on 2
-CPU cores. Writes ``--records/sampling_temperature.json`` and ``.md``.
+temperature or a run measures only what is new. Alone on 2 CPU cores a sampled pass should take about 3 min
+and a greedy one under 1 (the test-set ROUGE-L passes' rate, 0.38 s per generated row); beside a training
+run or another evaluation one sampling seed took 8 min, so run it alone. Writes
+``--records/sampling_temperature.json`` and ``.md``.
 
 Paired differences against ``--base`` use the sampling seeds, which the evaluation shares between models
 (each row draws with the same seed in every model): their interval is over the 5 sampling seeds, so it
