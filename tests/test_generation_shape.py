@@ -6,19 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from _helpers import REPO, load_script
+from _helpers import REPO, WordTokenizer, load_script
 
 
 @pytest.fixture(scope="module")
 def gs():
     return load_script(REPO / "bench" / "generation_shape.py")
-
-
-class WordTokenizer:
-    """One token per whitespace word: lengths countable by eye."""
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": list(range(len(text.split())))}
 
 
 def write_eval(tmp_path, name, rows, recorded_mean, max_new_tokens=10):

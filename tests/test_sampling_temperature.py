@@ -9,7 +9,7 @@ import math
 import subprocess
 
 import pytest
-from _helpers import REPO, load_script
+from _helpers import REPO, WordTokenizer, load_script
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +20,6 @@ def st():
 @pytest.fixture(scope="module")
 def evaluate():
     return load_script(REPO / "launch" / "evaluate.py")
-
-
-class WordTokenizer:
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": list(range(len(text.split())))}
 
 
 def test_the_passes_are_the_comparisons_protocol_at_another_temperature(st, evaluate, tmp_path):
