@@ -74,25 +74,23 @@ def paired(values: list[float], base: list[float]) -> dict:
     return {"mean": mean, "n": len(diffs), "lo": lo, "hi": hi, "up": sum(d > 0 for d in diffs)}
 
 
-def read_pass(directory: Path, run: str, tokenizer) -> dict:
-    """One pass's ROUGE-L (mean and per seed) and its generations' shape (tokens, P, R, at cap)."""
+def read_pass(directory: Path, run: str, tokenizer, temperature: float | None, rows: int) -> dict:
+    """One pass's ROUGE-L (mean and per seed) and its generations' shape (tokens, P, R, at cap).
+
+    The pass kept on disk must be the one asked for now (a sweep with another ``--rows`` shares the dirs).
+    """
     results = json.loads((directory / "results.json").read_text())
+    want = {"max_rows": rows, "decoding": "greedy" if temperature is None else "sample"}
+    if temperature is not None:
+        want["temperature"] = temperature
+    got = {k: results["protocol"].get(k) for k in want}
+    if got != want:
+        raise SystemExit(f"{directory} was evaluated with {got}, not {want}: delete it to measure it again")
     record = next(iter(results["models"][run]["rougeL"][SET].values()))
     ((decoding, by_set),) = generation_shape.measure_run(directory, run, tokenizer).items()
     shape = by_set[SET]
     return {"decoding": decoding, "rougeL": record["mean"], "per_seed": record["per_seed"],
             **{k: shape[k] for k in ("tokens", "at_cap", "precision", "recall")}}  # fmt: skip
-
-
-def check_protocol(directory: Path, temperature: float | None, rows: int) -> None:
-    """A pass kept on disk must be the one asked for now (a sweep with another ``--rows`` shares the dirs)."""
-    protocol = json.loads((directory / "results.json").read_text())["protocol"]
-    want = {"max_rows": rows, "decoding": "greedy" if temperature is None else "sample"}
-    if temperature is not None:
-        want["temperature"] = temperature
-    got = {k: protocol.get(k) for k in want}
-    if got != want:
-        raise SystemExit(f"{directory} was evaluated with {got}, not {want}: delete it to measure it again")
 
 
 def label(temperature: float | None) -> str:
@@ -176,8 +174,7 @@ def main(argv=None) -> None:
             if done.returncode != 0:
                 raise SystemExit(f"launch/evaluate.py failed for {run} {label(t)}:\n{done.stderr[-3000:]}")
             print(f"{time.time() - start:.0f} s", flush=True)
-        check_protocol(directory, t, args.rows)
-        records.setdefault(run, {})[label(t)] = read_pass(directory, run, tokenizer)
+        records.setdefault(run, {})[label(t)] = read_pass(directory, run, tokenizer, t, args.rows)
         path.write_text(json.dumps(records, indent=1) + "\n")
         path.with_suffix(".md").write_text(markdown(records, base, temperatures, args.rows))
     print(path.with_suffix(".md").read_text())
